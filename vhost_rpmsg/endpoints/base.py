@@ -1,0 +1,77 @@
+"""Host-side endpoints: the handler interface plugins implement.
+
+An :class:`Endpoint` owns one host RPMsg address.  The device calls
+:meth:`Endpoint.on_batch` (default: :meth:`on_message` per message) with what the guest
+sent it, and gives the endpoint a :class:`Port` through which it sends back.  A
+handler may be synchronous or ``async def``: async handlers run in order on the
+device's event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ..rpmsg.device import RpmsgDevice
+
+
+class Port:
+    """What an endpoint may do with the device: send from its own address."""
+
+    def __init__(self, device: RpmsgDevice, src: int) -> None:
+        self.device = device
+        self.src = src
+
+    def send(self, dst: int, data: bytes) -> None:
+        """Queue-or-send without waiting; raises WouldBlock when the outbox is full."""
+        self.device.send_nowait(self.src, dst, data)
+
+    async def asend(self, dst: int, data: bytes) -> None:
+        """Send, waiting (asynchronously) for room when the guest is not reading."""
+        await self.device.asend(self.src, dst, data)
+
+    @property
+    def guest_ready(self) -> bool:
+        return self.device.guest_ready
+
+
+class Endpoint:
+    """Base class of host endpoints.  Subclass and override :meth:`on_message`."""
+
+    #: entry-point name of the plugin (set by the registry)
+    plugin: ClassVar[str] = ""
+    #: service name announced when none is given on the command line (None: no announcement)
+    default_name: ClassVar[str | None] = None
+
+    def __init__(self, addr: int, name: str | None = None, **options: Any) -> None:
+        if options:
+            raise TypeError(f"{type(self).__name__} takes no options {sorted(options)}")
+        self.addr = addr
+        self.name = name
+        self.port: Port | None = None
+
+    def bind(self, port: Port) -> None:
+        """The device registered this endpoint; ``port`` sends from ``self.addr``."""
+        self.port = port
+
+    def on_message(self, src: int, data: bytes) -> None | Awaitable[None]:
+        """One message from guest address ``src``."""
+
+    def on_batch(self, messages: list[tuple[int, bytes]]) -> None:
+        """Several messages at once (the hot path); override to amortise per-call costs."""
+        for src, data in messages:
+            self.on_message(src, data)
+
+    def guest_ready(self) -> None:
+        """The guest driver is up (announcements delivered, rx buffers posted)."""
+
+    def guest_gone(self) -> None:
+        """The guest reset or disconnected; it has forgotten every channel."""
+
+    def close(self) -> None:
+        """The device is being destroyed."""
+
+    def describe(self) -> str:
+        name = self.name if self.name else "-"
+        return f"{self.plugin or type(self).__name__}@{self.addr} ({name})"

@@ -1,0 +1,108 @@
+"""Built-in endpoints: echo, sink, source, and an echo announced as ``rpmsg-raw``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .base import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+class Echo(Endpoint):
+    """Sends every message back to its sender, unchanged."""
+
+    def on_batch(self, messages: list[tuple[int, bytes]]) -> None:
+        assert self.port is not None
+        send = self.port.send
+        for src, data in messages:
+            send(src, data)
+
+    def on_message(self, src: int, data: bytes) -> None:
+        assert self.port is not None
+        self.port.send(src, data)
+
+
+class RawEcho(Echo):
+    """Echo announced as ``rpmsg-raw``: a Linux guest's rpmsg_char binds to it and
+    creates ``/dev/rpmsgN``, so guest user space can talk to the host with read/write."""
+
+    default_name = "rpmsg-raw"
+
+
+class Sink(Endpoint):
+    """Counts what it receives and throws it away (the guest→host benchmark target)."""
+
+    def __init__(self, addr: int, name: str | None = None, **options: Any) -> None:
+        super().__init__(addr, name, **options)
+        self.messages = 0
+        self.bytes = 0
+        self.last_src: int | None = None
+
+    def on_batch(self, messages: list[tuple[int, bytes]]) -> None:
+        self.messages += len(messages)
+        self.bytes += sum(len(d) for _, d in messages)
+        self.last_src = messages[-1][0]
+
+    def on_message(self, src: int, data: bytes) -> None:
+        self.on_batch([(src, data)])
+
+
+class Source(Endpoint):
+    """Generates messages to a guest address at a given rate and size.
+
+    Options: ``dst`` (guest address, required), ``size`` (payload bytes, default 64),
+    ``rate`` (messages per second, default 100; 0 = as fast as the guest takes them),
+    ``count`` (stop after this many; 0 = forever).  While the guest has no room the
+    source waits: it never generates what it cannot deliver.
+    """
+
+    def __init__(self, addr: int, name: str | None = None, *, dst: int | str | None = None,
+                 size: int | str = 64, rate: float | str = 100.0, count: int | str = 0) -> None:
+        super().__init__(addr, name)
+        if dst is None:
+            raise ValueError("source needs dst=<guest address>")
+        self.dst = int(dst)
+        self.size = int(size)
+        self.rate = float(rate)
+        self.count = int(count)
+        if not 0 <= self.size <= 496:
+            raise ValueError(f"source size {self.size} outside 0..496")
+        self.sent = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def payload(self, seq: int) -> bytes:
+        """Deterministic content, so a receiver can check every byte."""
+        pattern = seq.to_bytes(4, "little") * (self.size // 4 + 1)
+        return pattern[: self.size]
+
+    def guest_ready(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def guest_gone(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    close = guest_gone
+
+    async def _run(self) -> None:
+        assert self.port is not None
+        period = 1.0 / self.rate if self.rate > 0 else 0.0
+        next_at = time.monotonic()
+        while not self.count or self.sent < self.count:
+            await self.port.asend(self.dst, self.payload(self.sent))
+            self.sent += 1
+            if period:
+                next_at += period
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                else:
+                    next_at = time.monotonic()
+            elif self.sent % 64 == 0:
+                await asyncio.sleep(0)

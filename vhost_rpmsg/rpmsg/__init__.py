@@ -1,0 +1,17 @@
+"""The RPMsg device, its codecs and the kernel-style API."""
+
+from .api import VHOST_RPMSG_ITER, EptEntry, RpmsgIter, VhostRpmsg
+from .device import (
+    TO_GUEST,
+    TO_HOST,
+    AddressInUse,
+    PayloadTooLarge,
+    RpmsgDevice,
+    RpmsgError,
+    WouldBlock,
+)
+
+__all__ = [
+    "TO_GUEST", "TO_HOST", "VHOST_RPMSG_ITER", "AddressInUse", "EptEntry", "PayloadTooLarge",
+    "RpmsgDevice", "RpmsgError", "RpmsgIter", "VhostRpmsg", "WouldBlock",
+]

@@ -1,0 +1,535 @@
+"""The RPMsg device: what travels on the two virtqueues of a virtio-rpmsg device.
+
+It plugs into the generic vhost-user backend as a :class:`VirtioDevice`.  Queue 1
+(to_host, the kernel API's REQUEST queue) carries guest messages to host endpoints;
+queue 0 (to_guest, RESPONSE) carries host messages and name-service announcements to
+the guest.  Flow control: host messages wait in a bounded outbox while the guest has
+no rx buffer, and while that outbox is full the device stops taking guest messages,
+so the guest's own tx back-pressure (it blocks for a buffer) does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..endpoints.base import Endpoint, Port
+from ..vhost_user.device import VirtioDevice
+from ..vhost_user.protocol import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+)
+from ..virtqueue import Chain, SplitQueue
+from . import codec as rp
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_RPMSG = 7
+VIRTIO_RPMSG_F_NS = 0
+TO_GUEST = 0  # vq 0, guest rx; the kernel API's VIRTIO_RPMSG_RESPONSE
+TO_HOST = 1  # vq 1, guest tx; the kernel API's VIRTIO_RPMSG_REQUEST
+BATCH = 64
+MAX_READ = rp.HDR_SIZE + 0xFFFF  # nothing longer can be a message (len is 16 bits)
+
+
+class RpmsgError(Exception):
+    """Base of the errors the RPMsg API raises."""
+
+
+class WouldBlock(RpmsgError, BlockingIOError):
+    """The guest has no free rx buffer and the outbox is full: try again later."""
+
+
+class PayloadTooLarge(RpmsgError, ValueError):
+    """More than the guest's 496-byte payload limit."""
+
+
+class AddressInUse(RpmsgError, ValueError):
+    """Another endpoint already owns this host address."""
+
+
+@dataclass(frozen=True)
+class GuestService:
+    """A service the guest announced to the host."""
+
+    name: str
+    addr: int
+
+
+class RateLimitedLog:
+    """Log a recurring error at most once a second per key, with a count of the rest."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def error(self, key: str, msg: str, *args: object, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.interval:
+            self._suppressed[key] += 1
+            return
+        self._last[key] = now
+        n = self._suppressed.pop(key, 0)
+        suffix = f" ({n} similar suppressed)" if n else ""
+        self.logger.error(msg + suffix, *args, exc_info=exc_info)
+
+
+class RpmsgDevice(VirtioDevice):
+    """A virtio-rpmsg device with host endpoints and a name service."""
+
+    num_queues = 2
+    max_queue_size = 1024
+    device_id = VIRTIO_ID_RPMSG
+
+    def __init__(self, endpoints: Iterable[Endpoint] = (), *, outbox_limit: int = 256,
+                 name_service: bool = True, auto_dispatch: bool = True) -> None:
+        super().__init__()
+        self.outbox_limit = outbox_limit
+        #: False: guest messages stay in the ring until read through the iterator API
+        self.auto_dispatch = auto_dispatch
+        self.name_service = name_service
+        self.stats: Counter[str] = Counter()
+        self.endpoints: dict[int, Endpoint] = {}
+        self.services: dict[int, str] = {}  # host addr -> announced name (in order)
+        self.guest_services: dict[str, GuestService] = {}
+        self.guest_ns_listeners: list[Callable[[rp.NsMessage], None]] = []
+        self.guest_ready = False
+        self._outbox: deque[bytes] = deque()
+        self._cond = threading.Condition(threading.RLock())
+        self._room: asyncio.Event | None = None
+        self._to_host_paused = False
+        self._async_queues: dict[int, asyncio.Queue[tuple[int, bytes]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rl = RateLimitedLog(log)
+        for ep in endpoints:
+            self.add_endpoint(ep)
+
+    # -- virtio device contract ----------------------------------------------------------
+
+    def features(self) -> int:
+        f = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) \
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        if self.name_service:
+            f |= 1 << VIRTIO_RPMSG_F_NS
+        return f
+
+    def attach(self, queues: list[SplitQueue], loop: Any) -> None:
+        super().attach(queues, loop)
+        with self._cond:
+            self.guest_ready = False
+
+    @property
+    def to_guest(self) -> SplitQueue | None:
+        return self.queues[TO_GUEST] if self.queues else None
+
+    @property
+    def to_host(self) -> SplitQueue | None:
+        return self.queues[TO_HOST] if self.queues else None
+
+    def queue_started(self, queue: SplitQueue) -> None:
+        if queue.index == TO_GUEST:
+            self._guest_session_start()
+        else:
+            self._guest_sent(queue)
+
+    def queue_stopped(self, queue: SplitQueue) -> None:
+        if queue.index == TO_GUEST and not queue.started:
+            self._guest_session_end("rx ring stopped")
+
+    def kicked(self, queue: SplitQueue) -> None:
+        if queue.index == TO_GUEST:
+            self.flush()
+            with self._cond:
+                self._cond.notify_all()  # wake iterator-API writers waiting for a buffer
+        else:
+            self._guest_sent(queue)
+
+    def _guest_sent(self, queue: SplitQueue) -> None:
+        if self.auto_dispatch:
+            self._service_to_host(queue)
+        else:
+            with self._cond:
+                self._cond.notify_all()  # wake readers blocked in the iterator API
+
+    def reset(self) -> None:
+        self._guest_session_end("device reset")
+
+    # -- guest sessions and the name service ---------------------------------------------
+
+    def _guest_session_start(self) -> None:
+        """The rx ring is usable: (re)announce every service, then flush what waits."""
+        with self._cond:
+            if self.guest_ready:
+                self.flush()
+                return
+            self.guest_ready = True
+            self.stats["guest_sessions"] += 1
+            if self.acked_features & (1 << VIRTIO_RPMSG_F_NS):
+                announcements = [
+                    rp.encode_message(addr, rp.NS_ADDR,
+                                      rp.encode_ns(rp.NsMessage(name, addr, rp.NsFlags.CREATE)))
+                    for addr, name in self.services.items()
+                ]
+                # Ahead of anything queued for this session, in registration order.
+                self._outbox.extendleft(reversed(announcements))
+                self.stats["ns_announced"] += len(announcements)
+            elif self.services:
+                log.warning("guest did not negotiate VIRTIO_RPMSG_F_NS; %d service(s) "
+                            "not announced", len(self.services))
+        log.info("guest ready: %d service(s) to announce", len(self.services))
+        self.flush()
+        for ep in list(self.endpoints.values()):
+            self._call_hook(ep, ep.guest_ready)
+
+    def _guest_session_end(self, why: str) -> None:
+        with self._cond:
+            was = self.guest_ready
+            self.guest_ready = False
+            if self._outbox:
+                # The guest instance these were for no longer exists; say so loudly.
+                self.stats["dropped_on_reset"] += len(self._outbox)
+                log.warning("%s: %d queued message(s) for the old guest discarded",
+                            why, len(self._outbox))
+                self._outbox.clear()
+            self.guest_services.clear()
+            self._to_host_paused = False
+            self._cond.notify_all()
+        if was:
+            log.info("guest session ended: %s", why)
+            for ep in list(self.endpoints.values()):
+                self._call_hook(ep, ep.guest_gone)
+
+    def announce(self, name: str, addr: int, flags: rp.NsFlags = rp.NsFlags.CREATE) -> None:
+        """Announce (or withdraw) a host service; queued until the guest is ready.
+
+        Registered services are announced again to every new guest session.
+        """
+        payload = rp.encode_ns(rp.NsMessage(name, addr, flags))
+        with self._cond:
+            if flags is rp.NsFlags.CREATE:
+                self.services[addr] = name
+            else:
+                self.services.pop(addr, None)
+            if not self.guest_ready:
+                return  # delivered (CREATE) with the next session start
+            if not self.acked_features & (1 << VIRTIO_RPMSG_F_NS):
+                return
+            self._outbox.append(rp.encode_message(addr, rp.NS_ADDR, payload))
+            self.stats["ns_announced"] += 1
+        self._flush_soon()
+
+    def _guest_ns(self, hdr: rp.Header, payload: bytes) -> None:
+        try:
+            ns = rp.decode_ns(payload)
+        except rp.RpmsgFormatError as e:
+            self.stats["bad_guest_ns"] += 1
+            self._rl.error("bad_ns", "malformed name-service message from guest %d: %s",
+                           hdr.src, e)
+            return
+        if ns.flags is rp.NsFlags.CREATE:
+            self.guest_services[ns.name] = GuestService(ns.name, ns.addr)
+        else:
+            self.guest_services.pop(ns.name, None)
+        self.stats[f"guest_ns_{ns.flags.name.lower()}"] += 1
+        log.info("guest service %s: %r at %d", ns.flags.name.lower(), ns.name, ns.addr)
+        for listener in list(self.guest_ns_listeners):
+            try:
+                listener(ns)
+            except Exception:
+                self.stats["listener_errors"] += 1
+                log.exception("guest name-service listener failed")
+
+    # -- endpoints -----------------------------------------------------------------------
+
+    def add_endpoint(self, ep: Endpoint) -> Endpoint:
+        if ep.addr == rp.NS_ADDR or not 0 <= ep.addr < rp.ADDR_ANY:
+            raise AddressInUse(f"address {ep.addr} is reserved")
+        if ep.addr in self.endpoints:
+            raise AddressInUse(f"host address {ep.addr} already has "
+                               f"{self.endpoints[ep.addr].describe()}")
+        self.endpoints[ep.addr] = ep
+        ep.bind(Port(self, ep.addr))
+        if ep.name:
+            self.announce(ep.name, ep.addr)
+        return ep
+
+    def remove_endpoint(self, addr: int) -> None:
+        ep = self.endpoints.pop(addr)
+        if addr in self.services:
+            self.announce(self.services[addr], addr, rp.NsFlags.DESTROY)
+        ep.close()
+
+    def _call_hook(self, ep: Endpoint, hook: Callable[[], None]) -> None:
+        try:
+            hook()
+        except Exception:
+            self.stats["handler_errors"] += 1
+            self._rl.error(f"hook{ep.addr}", "endpoint %s hook %s raised", ep.describe(),
+                           hook.__name__, exc_info=True)
+
+    # -- guest → host ----------------------------------------------------------------------
+
+    def _service_to_host(self, q: SplitQueue) -> None:
+        """Drain the to_host ring in batches: copy out, return buffers, dispatch."""
+        while q.ready:
+            with q.lock:
+                if self._outbox_full():
+                    self._to_host_paused = True
+                    self.stats["to_host_paused"] += 1
+                    return
+                q.disable_kicks()
+                chains = q.pop_batch(BATCH)
+                if not chains:
+                    if not q.enable_kicks():
+                        return
+                    continue
+                messages = self._read_messages(q, chains)
+                q.push_batch([(c.head, 0) for c in chains if c.returnable])
+                q.notify()
+            self._dispatch(messages)
+
+    def _read_messages(self, q: SplitQueue, chains: list[Chain]) -> list[tuple[rp.Header, bytes]]:
+        out = []
+        for c in chains:
+            if not c.ok:
+                self.stats["bad_chains"] += 1
+                self._rl.error("chain", "to_host: bad descriptor chain at head %d: %s",
+                               c.head, c.error.name)
+                continue
+            if c.writable:
+                self.stats["bad_chains"] += 1
+                self._rl.error("dir", "to_host: chain %d has device-writable buffers", c.head)
+                continue
+            data = q.read_chain(c, MAX_READ)
+            try:
+                hdr, payload = rp.decode_message(data)
+            except rp.RpmsgFormatError as e:
+                self.stats["bad_messages"] += 1
+                self._rl.error("msg", "to_host: malformed message in chain %d: %s", c.head, e)
+                continue
+            out.append((hdr, payload))
+        return out
+
+    def _dispatch(self, messages: list[tuple[rp.Header, bytes]]) -> None:
+        """Hand messages to endpoints, grouping runs to the same endpoint into batches."""
+        i = 0
+        n = len(messages)
+        while i < n:
+            hdr, payload = messages[i]
+            dst = hdr.dst
+            j = i + 1
+            while j < n and messages[j][0].dst == dst:
+                j += 1
+            self.stats["to_host_messages"] += j - i
+            if dst == rp.NS_ADDR:
+                for h, p in messages[i:j]:
+                    self._guest_ns(h, p)
+            else:
+                ep = self.endpoints.get(dst)
+                if ep is None:
+                    self.stats["unknown_destination"] += j - i
+                    self._rl.error("dst", "no host endpoint at %d (from guest %d); "
+                                   "message discarded", dst, hdr.src)
+                else:
+                    self._deliver(ep, [(h.src, p) for h, p in messages[i:j]])
+            i = j
+
+    def _deliver(self, ep: Endpoint, batch: list[tuple[int, bytes]]) -> None:
+        if inspect.iscoroutinefunction(ep.on_message):
+            q = self._async_queue(ep)
+            for item in batch:
+                q.put_nowait(item)
+            return
+        try:
+            ep.on_batch(batch)
+        except Exception:
+            self.stats["handler_errors"] += 1
+            self._rl.error(f"ep{ep.addr}", "endpoint %s raised on a message",
+                           ep.describe(), exc_info=True)
+
+    def _async_queue(self, ep: Endpoint) -> asyncio.Queue[tuple[int, bytes]]:
+        q = self._async_queues.get(ep.addr)
+        if q is None:
+            q = asyncio.Queue()
+            self._async_queues[ep.addr] = q
+            self._tasks.append(asyncio.get_running_loop().create_task(self._async_worker(ep, q)))
+        return q
+
+    async def _async_worker(self, ep: Endpoint, q: asyncio.Queue[tuple[int, bytes]]) -> None:
+        while True:
+            src, data = await q.get()
+            try:
+                await ep.on_message(src, data)  # type: ignore[misc]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.stats["handler_errors"] += 1
+                self._rl.error(f"ep{ep.addr}", "endpoint %s raised on a message",
+                               ep.describe(), exc_info=True)
+
+    # -- host → guest ----------------------------------------------------------------------
+
+    def _outbox_full(self) -> bool:
+        return len(self._outbox) >= max(self.outbox_limit, 1)
+
+    def send_nowait(self, src: int, dst: int, data: bytes) -> None:
+        """Send now if the guest has an rx buffer, else queue; WouldBlock if the queue is full."""
+        if len(data) > rp.MAX_PAYLOAD:
+            self.stats["refused_too_large"] += 1
+            raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the guest's "
+                                  f"{rp.MAX_PAYLOAD}-byte limit")
+        msg = rp.encode_message(src, dst, bytes(data))
+        with self._cond:
+            if not self._outbox and self.guest_ready and self._write_one(msg):
+                return
+            if len(self._outbox) >= self.outbox_limit:
+                self.stats["would_block"] += 1
+                raise WouldBlock(f"guest has no free rx buffer and {len(self._outbox)} "
+                                 "messages are queued")
+            self._outbox.append(msg)
+            self.stats["queued"] += 1
+
+    def send(self, src: int, dst: int, data: bytes, timeout: float | None = None) -> None:
+        """Blocking send for threads other than the device's loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                try:
+                    self.send_nowait(src, dst, data)
+                    return
+                except WouldBlock:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise
+                    self._cond.wait(left)
+
+    async def asend(self, src: int, dst: int, data: bytes) -> None:
+        """Send, waiting on the device's loop while the outbox is full."""
+        while True:
+            try:
+                self.send_nowait(src, dst, data)
+                return
+            except WouldBlock:
+                if self._room is None:
+                    self._room = asyncio.Event()
+                self._room.clear()
+                await self._room.wait()
+
+    def _flush_soon(self) -> None:
+        loop = self.loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.flush()
+        else:
+            loop.call_soon_threadsafe(self.flush)
+
+    def flush(self) -> None:
+        """Move queued messages into free rx buffers, in order."""
+        q = self.to_guest
+        if q is None:
+            return
+        wrote = 0
+        with self._cond:
+            if not self.guest_ready or not q.ready:
+                return
+            with q.lock:
+                while self._outbox:
+                    chains = q.pop_batch(min(len(self._outbox), BATCH))
+                    if not chains:
+                        if q.enable_kicks():
+                            continue
+                        break
+                    used = []
+                    for c in chains:
+                        if not self._outbox:
+                            # Cannot happen: we popped at most len(outbox); keep the ring sane.
+                            used.append((c.head, 0))
+                            continue
+                        n = self._fill(q, c, self._outbox[0])
+                        if n is None:
+                            if c.returnable:
+                                used.append((c.head, 0))
+                            continue
+                        self._outbox.popleft()
+                        used.append((c.head, n))
+                        wrote += 1
+                    q.push_batch(used)
+                q.notify()
+            if wrote:
+                self.stats["to_guest_messages"] += wrote
+                self._cond.notify_all()
+        if wrote and self._room is not None:
+            self._room.set()
+        if self._to_host_paused and not self._outbox_full():
+            self._to_host_paused = False
+            th = self.to_host
+            if th is not None and th.ready:
+                self._service_to_host(th)
+
+    def _write_one(self, msg: bytes) -> bool:
+        """Write one message into the next rx buffer now; False if there is none."""
+        q = self.to_guest
+        if q is None or not q.ready:
+            return False
+        with q.lock:
+            while True:
+                chains = q.pop_batch(1)
+                if not chains:
+                    if q.enable_kicks():
+                        continue
+                    return False
+                c = chains[0]
+                n = self._fill(q, c, msg)
+                if n is None:
+                    if c.returnable:
+                        q.push_batch([(c.head, 0)])
+                    continue
+                q.push_batch([(c.head, n)])
+                q.notify()
+                self.stats["to_guest_messages"] += 1
+                return True
+
+    def _fill(self, q: SplitQueue, c: Chain, msg: bytes) -> int | None:
+        """Copy ``msg`` into rx chain ``c``; None if the chain cannot take it."""
+        if not c.ok:
+            self.stats["bad_chains"] += 1
+            self._rl.error("rxchain", "to_guest: bad descriptor chain at head %d: %s",
+                           c.head, c.error.name)
+            return None
+        if c.readable:
+            self.stats["bad_chains"] += 1
+            self._rl.error("rxdir", "to_guest: chain %d has device-readable buffers", c.head)
+            return None
+        if c.write_len < len(msg):
+            self.stats["rx_buffer_too_small"] += 1
+            self._rl.error("rxsmall", "to_guest: rx buffer of %d bytes cannot hold a %d-byte "
+                           "message; returned empty", c.write_len, len(msg))
+            return None
+        return q.write_chain(c, msg)
+
+    @property
+    def queued(self) -> int:
+        return len(self._outbox)
+
+    def destroy(self) -> None:
+        """Withdraw every endpoint and stop async handlers."""
+        for addr in list(self.endpoints):
+            self.remove_endpoint(addr)
+        for t in self._tasks:
+            t.cancel()
+        self._tasks.clear()

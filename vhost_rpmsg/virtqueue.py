@@ -246,6 +246,16 @@ class SplitQueue:
         self.stats.popped += n
         return out
 
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` chains popped and not used, in the avail ring.
+
+        They are simply seen again by the next pop: the driver does not touch an avail
+        entry until the device has used it.
+        """
+        if count:
+            self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+            self.stats.popped -= count
+
     def _walk(self, head: int) -> Chain:
         chain = Chain(head)
         size = self.size

@@ -55,8 +55,10 @@ class QueueSetup:
 class GuestRam:
     """Guest physical memory: a memfd, mapped here, shared with the back-end."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, hidden_tail: int = 0) -> None:
         self.size = size
+        #: bytes at the end left out of the memory table: memory the back-end must not touch
+        self.hidden_tail = hidden_tail
         self.fd = os.memfd_create("vhost-rpmsg-guest", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self._map = mmap.mmap(self.fd, size)
@@ -67,13 +69,13 @@ class GuestRam:
     def alloc(self, size: int, align: int = 16) -> int:
         """A guest-physical range of ``size`` bytes (a bump allocator; never freed)."""
         start = (self._next + align - 1) & ~(align - 1)
-        if start + size > self.size:
+        if start + size > self.size - self.hidden_tail:
             raise MemoryError(f"guest RAM of {self.size} bytes exhausted")
         self._next = start + size
         return start
 
     def region(self) -> MemoryRegion:
-        return MemoryRegion(0, self.size, FAKE_UVA_BASE, 0)
+        return MemoryRegion(0, self.size - self.hidden_tail, FAKE_UVA_BASE, 0)
 
     def close(self) -> None:
         self.mv.release()
@@ -141,7 +143,7 @@ class Frontend:
         if want_ack:
             status = int.from_bytes(self.recv_reply(request), "little")
             if status:
-                raise FrontendError(f"back-end refused {Request(request).name}: {status}")
+                raise FrontendError(f"back-end refused request {request}: status {status}")
         return None
 
     def get_u64(self, request: int) -> int:

@@ -86,6 +86,7 @@ class SimGuest:
         tx_interrupts: bool = False,
         protocol_features: int = QEMU_PROTOCOL_FEATURES,
         name_service: bool = True,
+        hidden_tail: int = 0,
     ) -> None:
         self.socket_path = socket_path
         self.queue_size = queue_size
@@ -93,11 +94,16 @@ class SimGuest:
         self.tx_interrupts = tx_interrupts
         self.want_protocol = protocol_features
         self.want_ns = name_service
+        self.hidden_tail = hidden_tail
+        #: False: rx buffers are kept after use instead of re-posted (tests make room so)
+        self.repost_rx = True
+        self.rx_held: list[int] = []
         self.stats = GuestStats()
         self.channels: dict[str, Channel] = {}
         self.ns_events: queue.Queue[rp.NsMessage] = queue.Queue()
         self._inbox: dict[int, queue.Queue[tuple[int, bytes]]] = {}
         self._tx_lock = threading.Lock()
+        self._rx_lock = threading.Lock()
         self._stop = threading.Event()
         self._rx_thread: threading.Thread | None = None
         self.fe: Frontend | None = None
@@ -115,7 +121,8 @@ class SimGuest:
     def start(self) -> SimGuest:
         """Connect, negotiate, and probe the driver (posts rx, DRIVER_OK, kicks rx)."""
         per_init = 2 * RingLayout.bytes_needed(self.queue_size) + self.nbufs * rp.BUF_SIZE
-        self.ram = GuestRam(_round_up(4 * per_init + (1 << 20), 1 << 21))
+        self.ram = GuestRam(_round_up(4 * per_init + (1 << 20), 1 << 21) + self.hidden_tail,
+                            self.hidden_tail)
         self.fe = Frontend(self.socket_path, self.ram)
         self.fe.negotiate(self.want_protocol)
         for i in range(2):
@@ -140,7 +147,7 @@ class SimGuest:
         self.rings = [DriverRing(ram.mem, lay, event_idx) for lay in layouts]
         bufs = ram.alloc(self.nbufs * rp.BUF_SIZE, 4096)
         half = self.nbufs // 2
-        self.rx_bufs: dict[int, int] = {}
+        self.rx_bufs: dict[int, int | None] = {}
         for k in range(half):
             gpa = bufs + k * rp.BUF_SIZE
             self.rx_bufs[self.rings[RX].add([(gpa, rp.BUF_SIZE, VRING_DESC_F_WRITE)])] = gpa
@@ -265,6 +272,16 @@ class SimGuest:
                 self._kick(TX)
             return head
 
+    def post_rx_chain(self, bufs: list[tuple[int, int, int]]) -> int:
+        """Post an arbitrary chain on the rx ring (for tests of malformed input)."""
+        with self._rx_lock:
+            ring = self.rings[RX]
+            head = ring.add(bufs)
+            self.rx_bufs[head] = None
+            if ring.publish():
+                self._kick(RX)
+            return head
+
     def _get_tx_buf(self, timeout: float) -> int:
         if self.tx_free:
             return self.tx_free.pop()
@@ -318,16 +335,22 @@ class SimGuest:
                 except BlockingIOError:
                     pass
             while True:
-                self._rx_drain(ring)
-                if not ring.enable_interrupts():
-                    break
+                with self._rx_lock:
+                    self._rx_drain(ring)
+                    if not ring.enable_interrupts():
+                        break
 
     def _rx_drain(self, ring: DriverRing) -> None:
         used = ring.get_used()
         if not used:
             return
-        for head, length in used:
-            gpa = self.rx_bufs.pop(head)
+        # Look every buffer up before re-posting any: a re-post may reuse a descriptor
+        # freed by a later entry of this same batch.
+        batch = [(self.rx_bufs.pop(head), length) for head, length in used]
+        for gpa, length in batch:
+            if gpa is None:  # a chain a test posted on purpose
+                self.stats.events["rx_test_chain_returned"] += 1
+                continue
             if length > rp.BUF_SIZE or length < rp.HDR_SIZE:
                 self.stats.too_big += 1
                 log.error("simguest: inbound msg too big (%d bytes); buffer lost", length)
@@ -340,6 +363,9 @@ class SimGuest:
                 log.error("simguest: inbound msg too big: %s; buffer lost", e)
                 continue
             self._dispatch(hdr, payload)
+            if not self.repost_rx:
+                self.rx_held.append(gpa)
+                continue
             self.rx_bufs[ring.add([(gpa, rp.BUF_SIZE, VRING_DESC_F_WRITE)])] = gpa
         if ring.publish():
             self._kick(RX)

@@ -455,11 +455,12 @@ class RpmsgDevice(VirtioDevice):
                             continue
                         break
                     used = []
-                    for c in chains:
+                    for k, c in enumerate(chains):
                         if not self._outbox:
-                            # Cannot happen: we popped at most len(outbox); keep the ring sane.
-                            used.append((c.head, 0))
-                            continue
+                            # A bad chain in the batch left good ones over: they stay in
+                            # the ring for the next message (never returned empty).
+                            q.unpop(len(chains) - k)
+                            break
                         n = self._fill(q, c, self._outbox[0])
                         if n is None:
                             if c.returnable:

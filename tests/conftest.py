@@ -1,0 +1,62 @@
+"""Shared fixtures: a server on its own loop thread, and simulated guests for it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from vhost_rpmsg.endpoints.base import Endpoint
+from vhost_rpmsg.guest import SimGuest
+from vhost_rpmsg.rpmsg.device import RpmsgDevice
+from vhost_rpmsg.vhost_user.device import VirtioDevice
+from vhost_rpmsg.vhost_user.server import LoopThread, VhostUserServer, listen_unix
+
+
+@dataclass
+class Running:
+    """A server serving one device on a socket, on a loop thread."""
+
+    path: str
+    device: VirtioDevice
+    server: VhostUserServer
+    loop: LoopThread
+    guests: list[SimGuest] = field(default_factory=list)
+
+    def call(self, fn: Callable[[], object]) -> object:
+        return self.loop.call(fn)
+
+    def guest(self, **kw: object) -> SimGuest:
+        g = SimGuest(self.path, **kw)  # type: ignore[arg-type]
+        self.guests.append(g)
+        return g
+
+    def counters(self) -> dict[str, int]:
+        return self.call(self.server.counters)  # type: ignore[return-value]
+
+
+@pytest.fixture
+def serve(tmp_path: object) -> Iterator[Callable[..., Running]]:
+    """serve(device_or_endpoints, **server_kw) -> Running; torn down after the test."""
+    running: list[Running] = []
+
+    def start(device: VirtioDevice | list[Endpoint] | None = None, **kw: object) -> Running:
+        if device is None or isinstance(device, list):
+            device = RpmsgDevice(device or [])
+        path = os.path.join(str(tmp_path), f"vr{len(running)}.sock")
+        loop = LoopThread().start()
+        server = VhostUserServer(device, listen_unix(path), **kw)  # type: ignore[arg-type]
+        loop.call(lambda: server.start(loop.loop))
+        r = Running(path, device, server, loop)
+        running.append(r)
+        return r
+
+    yield start
+    for r in running:
+        for g in r.guests:
+            if g.fe is not None:
+                g.disconnect()
+        r.loop.call(r.server.close)
+        r.loop.stop()

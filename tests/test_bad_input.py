@@ -1,0 +1,265 @@
+"""Hostile or broken front-ends and guests: clear errors, no stray memory access, and the
+server keeps serving (the next connection works)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from vhost_rpmsg.endpoints import Echo, Sink
+from vhost_rpmsg.guest.frontend import Frontend, FrontendError, GuestRam
+from vhost_rpmsg.guest.rpmsg_guest import SimGuest
+from vhost_rpmsg.vhost_user import codec
+from vhost_rpmsg.vhost_user.codec import MemoryRegion, VringAddr
+from vhost_rpmsg.vhost_user.protocol import ProtocolFeature, Request
+from vhost_rpmsg.virtqueue import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+
+from .conftest import Running
+
+PF = ProtocolFeature
+TAIL = 1 << 16  # guest RAM left out of the memory table, filled with a canary
+
+
+def _wait(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.002)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _next_guest_works(r: Running) -> None:
+    """The acid test after every bad input: a fresh, correct guest is served."""
+    _wait(lambda: r.server.conn is None)
+    with SimGuest(r.path) as g:
+        g.open(3000)
+        g.send(3000, 1024, b"still alive")
+        assert g.recv(3000) == (1024, b"still alive")
+
+
+@pytest.fixture
+def echo_server(serve):  # type: ignore[no-untyped-def]
+    return serve([Echo(1024), Sink(1025)])
+
+
+def _raw(r: Running) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(r.path)
+    return s
+
+
+@pytest.mark.parametrize("junk", [
+    codec.encode(Request.SET_FEATURES, codec.encode_u64(1))[:7],  # truncated header
+    codec.encode(Request.SET_FEATURES, codec.encode_u64(1))[:15],  # truncated payload
+    (1).to_bytes(4, "little") + (1).to_bytes(4, "little") + (1 << 24).to_bytes(4, "little"),
+    (1).to_bytes(4, "little") + (0).to_bytes(4, "little") + bytes(4),  # version 0
+    os.urandom(64),
+], ids=["short-header", "short-payload", "oversized", "bad-version", "random"])
+def test_garbage_stream_drops_the_connection_only(echo_server: Running, junk: bytes) -> None:
+    before = echo_server.counters().get("connections", 0)
+    s = _raw(echo_server)
+    s.sendall(junk)
+    s.shutdown(socket.SHUT_WR)
+    try:
+        assert s.recv(100) == b""  # the server closes without answering
+    except ConnectionResetError:
+        pass  # ... or resets, when our unread bytes were still queued
+    s.close()
+    _wait(lambda: echo_server.counters().get("connections", 0) == before + 1)
+    _next_guest_works(echo_server)
+
+
+def test_second_front_end_is_refused_while_one_is_connected(echo_server: Running) -> None:
+    with SimGuest(echo_server.path):
+        s = _raw(echo_server)
+        assert s.recv(10) == b""  # closed at once
+        s.close()
+        _wait(lambda: echo_server.counters().get("rejected") == 1)
+    _next_guest_works(echo_server)
+
+
+def test_wrong_fd_counts_fail_cleanly_and_leak_nothing(echo_server: Running) -> None:
+    ram = GuestRam(1 << 20)
+    fe = Frontend(echo_server.path, ram)
+    fe.negotiate((1 << PF.MQ) | (1 << PF.REPLY_ACK))
+    base = _open_fds()
+    r, w = os.pipe()
+    with pytest.raises(FrontendError):  # kick without an fd and without the no-fd bit
+        fe.request(Request.SET_VRING_KICK, codec.encode_vring_file(0), [], need_reply=True)
+    with pytest.raises(FrontendError):  # an fd where none belongs
+        fe.request(Request.SET_OWNER, b"", [r], need_reply=True)
+    with pytest.raises(FrontendError):  # two regions, one fd
+        fe.request(Request.SET_MEM_TABLE, codec.encode_mem_table(
+            [ram.region(), MemoryRegion(1 << 30, 4096, 0, 0)]), [ram.fd], need_reply=True)
+    with pytest.raises(FrontendError):  # two fds for one region
+        fe.request(Request.ADD_MEM_REG, codec.encode_single_region(ram.region()),
+                   [ram.fd, r], need_reply=True)
+    with pytest.raises(FrontendError):  # bad payload size
+        fe.request(Request.SET_VRING_NUM, b"\0" * 5, need_reply=True)
+    with pytest.raises(FrontendError):  # queue index out of range
+        fe.request(Request.SET_VRING_NUM, codec.encode_vring_state(7, 256), need_reply=True)
+    with pytest.raises(FrontendError):  # not a power of two
+        fe.request(Request.SET_VRING_NUM, codec.encode_vring_state(0, 100), need_reply=True)
+    os.close(r)
+    os.close(w)
+    # every fd the server received with those refused requests was closed again
+    assert _open_fds() <= base
+    b = echo_server.server.backend
+    assert b is not None and b.errors["bad_request"] == 7
+    fe.close()
+    ram.close()
+    _next_guest_works(echo_server)
+
+
+def test_ring_outside_guest_memory_is_refused(echo_server: Running) -> None:
+    ram = GuestRam(1 << 20)
+    fe = Frontend(echo_server.path, ram)
+    fe.negotiate((1 << PF.MQ) | (1 << PF.REPLY_ACK))
+    fe.request(Request.SET_FEATURES, codec.encode_u64(fe.backend_features))
+    fe.set_memory()
+    k = os.eventfd(0)
+    fe.request(Request.SET_VRING_NUM, codec.encode_vring_state(0, 256))
+    # used ring runs past the end of the only region
+    region = ram.region()
+    fe.request(Request.SET_VRING_ADDR, codec.encode_vring_addr(VringAddr(
+        0, 0, region.userspace_addr, region.userspace_addr + region.memory_size - 64,
+        region.userspace_addr + 4096, 0)))
+    with pytest.raises(FrontendError):
+        fe.request(Request.SET_VRING_KICK, codec.encode_vring_file(0), [k], need_reply=True)
+    with pytest.raises(FrontendError):  # misaligned descriptor table
+        fe.request(Request.SET_VRING_ADDR, codec.encode_vring_addr(VringAddr(
+            0, 0, region.userspace_addr + 8, region.userspace_addr + 8192,
+            region.userspace_addr + 4096, 0)), need_reply=True)
+    os.close(k)
+    fe.close()
+    ram.close()
+    _next_guest_works(echo_server)
+
+
+def _canary(g: SimGuest) -> np.ndarray:
+    assert g.ram is not None
+    return g.ram.mem[g.ram.size - TAIL :]
+
+
+@pytest.mark.parametrize("chain", [
+    "outside", "straddles", "loop", "longer_than_ring", "indirect_in_indirect",
+    "zero_length", "wrong_direction", "too_short_for_header",
+])
+def test_hostile_tx_chains(echo_server: Running, chain: str) -> None:
+    g = echo_server.guest(hidden_tail=TAIL).start()
+    assert g.ram is not None
+    canary = _canary(g)
+    canary[:] = 0xA5
+    edge = g.ram.size - TAIL  # first byte the backend was not given
+    scratch = g.ram.alloc(4096, 4096)
+    ring = g.rings[1]
+    N, W, I = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
+    before = echo_server.device.stats["bad_chains"] + echo_server.device.stats["bad_messages"]
+    if chain == "outside":
+        g.send_chain([(edge + 64, 32, 0)])
+    elif chain == "straddles":
+        g.send_chain([(edge - 8, 32, 0)])
+    elif chain in ("loop", "longer_than_ring"):
+        # descriptors whose next fields form a cycle: one onto itself, or four in a ring
+        k = 1 if chain == "loop" else 4
+        with g._tx_lock:
+            ids = [ring.free.pop() for _ in range(k)]
+            for j, i in enumerate(ids):
+                ring.write_desc(i, scratch, 4, N, ids[(j + 1) % k])
+            ring.chain_len[ids[0]] = k
+            ring.add_raw(ids[0])
+            g.tx_inflight[ids[0]] = -1
+            if ring.publish():
+                g._kick(1)
+    elif chain == "indirect_in_indirect":
+        tbl = g.ram.mem[scratch : scratch + 16].view("<u8")
+        tbl[0], tbl[1] = scratch, 16 | (I << 32)
+        g.send_chain([(scratch, 16, I)])
+    elif chain == "zero_length":
+        g.send_chain([(scratch, 0, 0)])
+    elif chain == "wrong_direction":
+        g.send_chain([(scratch, 512, W)])
+    elif chain == "too_short_for_header":
+        g.send_chain([(scratch, 8, 0)])
+    # the buffer comes back to the guest and is counted as bad
+    _wait(lambda: echo_server.device.stats["bad_chains"]
+          + echo_server.device.stats["bad_messages"] > before)
+    _wait(lambda: g.reclaim() == g.nbufs // 2 - 0 or not g.tx_inflight)
+    assert not g.tx_inflight
+    # nothing outside the regions was written (and the server is still serving this guest)
+    assert (canary == 0xA5).all()
+    g.open(3001)
+    g.send(3001, 1024, b"after")
+    assert g.recv(3001) == (1024, b"after")
+    g.close()
+    _next_guest_works(echo_server)
+
+
+@pytest.mark.parametrize("chain", ["outside", "readable", "too_small"])
+def test_hostile_rx_chains_are_returned_and_skipped(echo_server: Running, chain: str) -> None:
+    g = echo_server.guest(hidden_tail=TAIL, queue_size=8).start()
+    assert g.ram is not None
+    canary = _canary(g)
+    canary[:] = 0x5A
+    edge = g.ram.size - TAIL
+    scratch = g.ram.alloc(4096, 4096)
+    g.open(3002)
+    # Linux fills the rx ring; take one buffer out of circulation to make room
+    g.repost_rx = False
+    echo_server.device.send_nowait(1024, 3002, b"fill")
+    assert g.recv(3002)[1] == b"fill"
+    g.repost_rx = True
+    head_buf = {"outside": [(edge, 512, VRING_DESC_F_WRITE)],
+                "readable": [(scratch, 512, 0)],
+                "too_small": [(scratch, 8, VRING_DESC_F_WRITE)]}[chain]
+    g.post_rx_chain(head_buf)
+    # 7 good buffers are ahead of the hostile one in the ring; 12 messages pass it
+    for i in range(12):
+        echo_server.device.send(1024, 3002, b"msg%d" % i, timeout=5)
+    got = [g.recv(3002)[1] for _ in range(12)]
+    assert got == [b"msg%d" % i for i in range(12)]  # nothing lost, order kept
+    _wait(lambda: g.stats.events["rx_test_chain_returned"] == 1)
+    assert (canary == 0x5A).all()
+    stats = echo_server.device.stats
+    assert stats["bad_chains"] + stats["rx_buffer_too_small"] >= 1
+    g.close()
+
+
+def test_disconnect_mid_stream_then_next_guest(echo_server: Running) -> None:
+    g = echo_server.guest().start()
+    for i in range(200):
+        g.send(4000, 1025, b"z" * (i % 100))
+    g.disconnect()  # no shutdown sequence: QEMU died
+    _next_guest_works(echo_server)
+    assert echo_server.counters()["connections"] == 2
+
+
+def test_avail_index_jump_breaks_only_that_ring(echo_server: Running) -> None:
+    g = echo_server.guest().start()
+    ring = g.rings[1]
+    with g._tx_lock:
+        ring.avail[1] = (ring.avail_idx + 1000) & 0xFFFF
+        g._kick(1)
+    _wait(lambda: (echo_server.server.backend is not None
+                   and echo_server.server.backend.errors["queue_broken"] == 1))
+    # the guest gets an error notification on its err eventfd, as the spec provides
+    _wait(lambda: _readable(g.err[1]))
+    g.disconnect()
+    _next_guest_works(echo_server)
+
+
+def _readable(fd: int) -> bool:
+    try:
+        os.eventfd_read(fd)
+        return True
+    except BlockingIOError:
+        return False

@@ -1,0 +1,196 @@
+"""The vhost-user conversation: QEMU's order, each request's reply, ring states."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from vhost_rpmsg.guest.frontend import Frontend, FrontendError, GuestRam
+from vhost_rpmsg.guest.rpmsg_guest import QEMU_PROTOCOL_FEATURES, SimGuest
+from vhost_rpmsg.rpmsg.device import VIRTIO_RPMSG_F_NS
+from vhost_rpmsg.vhost_user import codec
+from vhost_rpmsg.vhost_user.protocol import (
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    ProtocolFeature,
+    Request,
+)
+
+from .conftest import Running
+
+PF = ProtocolFeature
+
+
+def _wait(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.002)
+
+
+def _fe(r: Running, protocol: int = QEMU_PROTOCOL_FEATURES) -> tuple[Frontend, GuestRam]:
+    ram = GuestRam(1 << 20)
+    fe = Frontend(r.path, ram)
+    fe.negotiate(protocol)
+    return fe, ram
+
+
+def test_negotiation_replies(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve()
+    fe, ram = _fe(r)
+    f = fe.backend_features
+    for bit in (VIRTIO_RPMSG_F_NS, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+                VIRTIO_RING_F_INDIRECT_DESC, VHOST_USER_F_PROTOCOL_FEATURES):
+        assert f & (1 << bit), bit
+    assert fe.num_queues == 2
+    for feat in (PF.MQ, PF.REPLY_ACK, PF.CONFIGURE_MEM_SLOTS, PF.STATUS, PF.RESET_DEVICE,
+                 PF.CONFIG):
+        assert fe.has(feat), feat
+    assert fe.get_u64(Request.GET_MAX_MEM_SLOTS) >= 8
+    # config space: an rpmsg device has none; a read returns the window asked for
+    body = fe.request(Request.GET_CONFIG, codec.encode_config(0, bytes(8)))
+    assert body == codec.encode_config(0, bytes(8))
+    with pytest.raises(FrontendError):
+        fe.request(Request.SET_CONFIG, codec.encode_config(0, b"\1"), need_reply=True)
+    fe.request(Request.SET_STATUS, codec.encode_u64(0x7), need_reply=True)
+    assert fe.get_u64(Request.GET_STATUS) == 0x7
+    # a request the backend does not know gets a failure ack, and the stream goes on
+    with pytest.raises(FrontendError):
+        fe.request(200, b"", need_reply=True)
+    fe.request(Request.SET_LOG_BASE, bytes(16))  # no reply owed; must not break anything
+    assert fe.get_u64(Request.GET_QUEUE_NUM) == 2
+    fe.close()
+    ram.close()
+
+
+@pytest.mark.parametrize("protocol", [
+    QEMU_PROTOCOL_FEATURES,  # ADD_MEM_REG, STATUS
+    (1 << PF.MQ) | (1 << PF.REPLY_ACK),  # what the reference notes saw QEMU 11 use
+    (1 << PF.MQ),  # no REPLY_ACK
+    0,  # protocol features offered but none taken
+], ids=["mem-slots", "qemu-11-default", "no-reply-ack", "bare"])
+def test_guest_starts_with_each_feature_set(serve, protocol: int) -> None:  # type: ignore[no-untyped-def]
+    r = serve()
+    g = r.guest(protocol_features=protocol).start()
+    _wait(lambda: r.device.guest_ready)
+    g.open(1500)
+    r.device.send_nowait(7, 1500, b"ping")
+    assert g.recv(1500) == (7, b"ping")
+    g.close()
+    _wait(lambda: not r.device.guest_ready)
+
+
+def test_rings_wait_for_enable_when_protocol_features_negotiated(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve()
+    backend_seen = []
+
+    def spy() -> None:
+        b = r.server.backend
+        assert b is not None
+        backend_seen.append([(q.started, q.enabled) for q in b.queues])
+
+    g = r.guest().start()
+    r.call(spy)
+    assert backend_seen[-1] == [(True, True), (True, True)]
+    assert g.fe is not None
+    g.fe.request(Request.SET_VRING_ENABLE, codec.encode_vring_state(0, 0), need_reply=True)
+    r.call(spy)
+    assert backend_seen[-1][0] == (True, False)  # disabled, still started: state kept
+    assert r.device.guest_ready  # a disabled ring is a pause, not a new guest
+    g.fe.request(Request.SET_VRING_ENABLE, codec.encode_vring_state(0, 1), need_reply=True)
+    g.close()
+
+
+def test_get_vring_base_returns_next_avail_and_keeps_state(serve) -> None:  # type: ignore[no-untyped-def]
+    from vhost_rpmsg.endpoints import Sink
+
+    sink = Sink(1024)
+    r = serve([sink])
+    g = r.guest().start()
+    for i in range(10):
+        g.send(1100, 1024, b"x" * i)
+    _wait(lambda: sink.messages == 10)
+    g.open(1100)
+    for i in range(3):
+        r.device.send_nowait(1024, 1100, b"y")
+        g.recv(1100)
+    assert g.fe is not None
+    bases = g.fe.stop(2)
+    assert bases == [3, 10]  # 3 rx buffers and 10 tx buffers taken by the host
+    b = r.server.backend
+    assert b is not None and b.memory.regions  # GET_VRING_BASE does not drop memory
+    assert all(q.size == 256 for q in b.queues)  # nor ring configuration
+    g.disconnect()
+
+
+def test_reset_device_stops_rings_and_ends_the_session(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve()
+    g = r.guest().start()
+    _wait(lambda: r.device.guest_ready)
+    assert g.fe is not None
+    g.fe.request(Request.RESET_DEVICE, need_reply=True)
+    _wait(lambda: not r.device.guest_ready)
+    b = r.server.backend
+    assert b is not None and not any(q.started for q in b.queues)
+    g.disconnect()
+
+
+def test_rem_mem_reg_unmaps_and_rings_stop(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve()
+    g = r.guest().start()
+    assert g.fe is not None and g.ram is not None
+    g.fe.request(Request.REM_MEM_REG, codec.encode_single_region(g.ram.region()),
+                 need_reply=True)
+    b = r.server.backend
+    assert b is not None
+    assert len(b.memory) == 0
+    assert not any(q.ready for q in b.queues)
+    assert b.errors["ring_unmapped"] == 2
+    g.disconnect()
+
+
+def test_order_of_requests_matches_qemu(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve()
+    seen: list[str] = []
+
+    def record() -> None:
+        b = r.server.backend
+        assert b is not None
+        orig = b.handle
+
+        def handle(msg):  # type: ignore[no-untyped-def]
+            seen.append(msg.name)
+            return orig(msg)
+
+        b.handle = handle  # type: ignore[method-assign]
+
+    g = SimGuest(r.path, protocol_features=(1 << PF.MQ) | (1 << PF.REPLY_ACK))
+    r.guests.append(g)
+    # connect, then install the recorder before the first request is processed
+    from vhost_rpmsg.guest.frontend import Frontend as F
+    orig_init = F.__init__
+
+    def init(self, *a, **k):  # type: ignore[no-untyped-def]
+        orig_init(self, *a, **k)
+        _wait(lambda: r.server.backend is not None)
+        r.call(record)
+
+    F.__init__ = init  # type: ignore[method-assign]
+    try:
+        g.start()
+    finally:
+        F.__init__ = orig_init  # type: ignore[method-assign]
+    per_queue = ["SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_KICK",
+                 "SET_VRING_CALL"]
+    assert seen == [
+        "GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "GET_QUEUE_NUM",
+        "SET_OWNER", "GET_FEATURES",
+        "SET_VRING_CALL", "SET_VRING_ERR", "SET_VRING_CALL", "SET_VRING_ERR",
+        "SET_FEATURES", "SET_MEM_TABLE", *per_queue, *per_queue,
+        "SET_VRING_ENABLE", "SET_VRING_ENABLE",
+    ]
+    g.close()

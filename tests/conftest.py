@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import hypothesis  # noqa: F401  (imported early: its lazy import at session end can crash)
 import pytest
 
 from vhost_rpmsg.endpoints.base import Endpoint

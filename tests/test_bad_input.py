@@ -162,7 +162,7 @@ def test_hostile_tx_chains(echo_server: Running, chain: str) -> None:
     edge = g.ram.size - TAIL  # first byte the backend was not given
     scratch = g.ram.alloc(4096, 4096)
     ring = g.rings[1]
-    N, W, I = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
+    N, W, IND = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
     before = echo_server.device.stats["bad_chains"] + echo_server.device.stats["bad_messages"]
     if chain == "outside":
         g.send_chain([(edge + 64, 32, 0)])
@@ -182,8 +182,8 @@ def test_hostile_tx_chains(echo_server: Running, chain: str) -> None:
                 g._kick(1)
     elif chain == "indirect_in_indirect":
         tbl = g.ram.mem[scratch : scratch + 16].view("<u8")
-        tbl[0], tbl[1] = scratch, 16 | (I << 32)
-        g.send_chain([(scratch, 16, I)])
+        tbl[0], tbl[1] = scratch, 16 | (IND << 32)
+        g.send_chain([(scratch, 16, IND)])
     elif chain == "zero_length":
         g.send_chain([(scratch, 0, 0)])
     elif chain == "wrong_direction":

@@ -115,7 +115,7 @@ def test_get_vring_base_returns_next_avail_and_keeps_state(serve) -> None:  # ty
         g.send(1100, 1024, b"x" * i)
     _wait(lambda: sink.messages == 10)
     g.open(1100)
-    for i in range(3):
+    for _ in range(3):
         r.device.send_nowait(1024, 1100, b"y")
         g.recv(1100)
     assert g.fe is not None

@@ -94,7 +94,7 @@ def _tbl(memfd: Memfd, at: int, entries: list[tuple[int, int, int, int]]) -> Non
 def test_malformed_chains_are_reported_not_followed(memfd: Memfd, case: str) -> None:
     q, drv, gm = make_queue(memfd, size=8, indirect=case != "indirect_not_negotiated")
     T = BUF + 0x2000
-    N, W, I = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
+    N, W, IND = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
     expect = {
         "head_out_of_range": ChainError.HEAD_OUT_OF_RANGE,
         "next_out_of_range": ChainError.NEXT_OUT_OF_RANGE,
@@ -129,28 +129,28 @@ def test_malformed_chains_are_reported_not_followed(memfd: Memfd, case: str) -> 
     elif case == "straddles_end":
         drv.add([(MEM - 8, 16, 0)])
     elif case == "indirect_nested":
-        _tbl(memfd, T, [(T, 16, I, 0)])
-        drv.add([(T, 16, I)])
+        _tbl(memfd, T, [(T, 16, IND, 0)])
+        drv.add([(T, 16, IND)])
     elif case == "indirect_bad_len":
         _tbl(memfd, T, [(BUF, 4, 0, 0)])
-        drv.add([(T, 24, I)])
+        drv.add([(T, 24, IND)])
     elif case == "indirect_zero_len":
-        drv.add([(T, 0, I)])
+        drv.add([(T, 0, IND)])
     elif case == "indirect_with_next":
         _tbl(memfd, T, [(BUF, 4, 0, 0)])
-        drv.write_desc(0, T, 16, I | N, 1)
+        drv.write_desc(0, T, 16, IND | N, 1)
         drv.write_desc(1, BUF, 4, 0, 0)
         drv.add_raw(0)
     elif case == "indirect_not_negotiated":
         _tbl(memfd, T, [(BUF, 4, 0, 0)])
-        drv.add([(T, 16, I)])
+        drv.add([(T, 16, IND)])
     elif case == "readable_after_writable":
         drv.add([(BUF, 4, W), (BUF + 8, 4, 0)])
     elif case == "indirect_table_outside":
-        drv.add([(MEM - 16, 32, I)])
+        drv.add([(MEM - 16, 32, IND)])
     elif case == "indirect_loop":
         _tbl(memfd, T, [(BUF, 4, N, 1), (BUF, 4, N, 0)])
-        drv.add([(T, 32, I)])
+        drv.add([(T, 32, IND)])
     drv.publish()
     (c,) = q.pop_batch(4)
     assert c.error is expect

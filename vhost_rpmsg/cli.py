@@ -22,6 +22,7 @@ from rich.table import Table
 
 from . import __version__
 from .endpoints.registry import PluginError, build, plugins
+from .engines import EngineUnavailable, QueueFactory, queue_factory
 from .rpmsg.device import RpmsgDevice
 from .vhost_user.server import VhostUserServer, listen_unix
 
@@ -43,11 +44,10 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _queue_factory(engine: str):  # type: ignore[no-untyped-def]
-    from .engines import queue_factory
+def _queue_factory(engine: str) -> QueueFactory:
     try:
         return queue_factory(engine)
-    except (ValueError, ImportError) as e:
+    except (ValueError, EngineUnavailable) as e:
         raise typer.BadParameter(str(e), param_hint="--engine") from e
 
 
@@ -189,7 +189,7 @@ def _demo_traffic(path: str, messages: int, device: RpmsgDevice, sink: object) -
                 console.print(f"  echo #{i + 1}: {len(payload)} bytes -> 1024 -> back, "
                               f"{lat[-1] * 1e6:.0f} µs")
         took = time.perf_counter() - start
-        for i in range(500):
+        for _ in range(500):
             guest.send(addr, 1026, b"x" * 128)
         deadline = time.monotonic() + 5
         while getattr(sink, "messages", 0) < 500 and time.monotonic() < deadline:

@@ -68,7 +68,7 @@ class Region:
         mem = np.frombuffer(m, dtype=np.uint8, count=desc.memory_size, offset=skip)
         return cls(
             desc.guest_phys_addr, desc.memory_size, desc.userspace_addr, desc.mmap_offset,
-            m, mem, memoryview(mem),
+            m, mem, mem.data,
         )
 
     def close(self) -> None:
@@ -168,7 +168,7 @@ class GuestMemory:
         """(region index, offset) of ``[gpa, gpa+length)``, which must lie in one region."""
         for i, r in enumerate(self.regions):
             off = gpa - r.gpa
-            if 0 <= off and off + length <= r.size:
+            if off >= 0 and off + length <= r.size:
                 return i, off
         raise BadAddress(f"guest range 0x{gpa:x}+{length} is outside guest memory")
 
@@ -176,7 +176,7 @@ class GuestMemory:
         """(region index, offset) of a front-end virtual range (ring addresses)."""
         for i, r in enumerate(self.regions):
             off = uva - r.uva
-            if 0 <= off and off + length <= r.size:
+            if off >= 0 and off + length <= r.size:
                 return i, off
         raise BadAddress(f"front-end range 0x{uva:x}+{length} is outside guest memory")
 

@@ -164,7 +164,7 @@ class SplitQueue:
             (self.avail_addr, 6 + 2 * n),
             (self.used_addr, 6 + 8 * n),
         ):
-            regions.append(mem.find_uva(addr, length) + (length,))
+            regions.append((*mem.find_uva(addr, length), length))
         (dr, doff, dlen), (ar, aoff, alen), (ur, uoff, ulen) = regions
         self._mem = mem
         self._desc = mem.view(dr, doff, dlen).view("<u8")

@@ -55,7 +55,7 @@ class Endpoint:
         """The device registered this endpoint; ``port`` sends from ``self.addr``."""
         self.port = port
 
-    def on_message(self, src: int, data: bytes) -> None | Awaitable[None]:
+    def on_message(self, src: int, data: bytes) -> Awaitable[None] | None:
         """One message from guest address ``src``."""
 
     def on_batch(self, messages: list[tuple[int, bytes]]) -> None:

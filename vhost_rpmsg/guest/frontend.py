@@ -63,7 +63,7 @@ class GuestRam:
         os.ftruncate(self.fd, size)
         self._map = mmap.mmap(self.fd, size)
         self.mem = np.frombuffer(self._map, np.uint8)
-        self.mv = memoryview(self.mem)
+        self.mv = self.mem.data
         self._next = 0
 
     def alloc(self, size: int, align: int = 16) -> int:

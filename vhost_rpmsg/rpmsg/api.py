@@ -48,7 +48,7 @@ class RpmsgIter:
         return self.len - self._pos
 
 
-def VHOST_RPMSG_ITER(src: int, dst: int) -> RpmsgIter:  # noqa: N802 - the kernel's name
+def VHOST_RPMSG_ITER(src: int, dst: int) -> RpmsgIter:
     """An iterator for a message from ``src`` to ``dst`` (the kernel's initializer macro)."""
     return RpmsgIter(src=src, dst=dst)
 

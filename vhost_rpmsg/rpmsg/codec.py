@@ -94,5 +94,6 @@ def decode_ns(payload: bytes) -> NsMessage:
     try:
         kind = NsFlags(flags)
     except ValueError:
-        raise RpmsgFormatError(f"name-service flags {flags} are neither create nor destroy")
+        raise RpmsgFormatError(
+            f"name-service flags {flags} are neither create nor destroy") from None
     return NsMessage(name, addr, kind)

@@ -325,7 +325,7 @@ class RpmsgDevice(VirtioDevice):
         i = 0
         n = len(messages)
         while i < n:
-            hdr, payload = messages[i]
+            hdr = messages[i][0]
             dst = hdr.dst
             j = i + 1
             while j < n and messages[j][0].dst == dst:
@@ -350,12 +350,24 @@ class RpmsgDevice(VirtioDevice):
             for item in batch:
                 q.put_nowait(item)
             return
+        if type(ep).on_batch is Endpoint.on_batch:
+            # Per message, so one failing message does not cost the rest of the batch.
+            for src, data in batch:
+                try:
+                    ep.on_message(src, data)
+                except Exception:
+                    self._handler_failed(ep, 1)
+            return
         try:
             ep.on_batch(batch)
         except Exception:
-            self.stats["handler_errors"] += 1
-            self._rl.error(f"ep{ep.addr}", "endpoint %s raised on a message",
-                           ep.describe(), exc_info=True)
+            self._handler_failed(ep, len(batch))
+
+    def _handler_failed(self, ep: Endpoint, messages: int) -> None:
+        self.stats["handler_errors"] += 1
+        self.stats["handler_failed_messages"] += messages
+        self._rl.error(f"ep{ep.addr}", "endpoint %s raised on %d message(s)",
+                       ep.describe(), messages, exc_info=True)
 
     def _async_queue(self, ep: Endpoint) -> asyncio.Queue[tuple[int, bytes]]:
         q = self._async_queues.get(ep.addr)
@@ -373,9 +385,7 @@ class RpmsgDevice(VirtioDevice):
             except asyncio.CancelledError:
                 raise
             except Exception:
-                self.stats["handler_errors"] += 1
-                self._rl.error(f"ep{ep.addr}", "endpoint %s raised on a message",
-                               ep.describe(), exc_info=True)
+                self._handler_failed(ep, 1)
 
     # -- host → guest ----------------------------------------------------------------------
 

@@ -252,7 +252,17 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 
     def stop(self) -> None:
+        """Cancel what still runs on the loop (async handlers, sources), then stop it."""
         if self._thread.is_alive():
+            async def cancel_all() -> None:
+                me = asyncio.current_task()
+                tasks = [t for t in asyncio.all_tasks() if t is not me]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(5)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
         self.loop.close()

@@ -1,0 +1,287 @@
+"""The RPMsg device against the simulated guest: name service, echo, bulk traffic,
+flow control, handler failures, resets."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from vhost_rpmsg.endpoints import Echo, Endpoint, Sink
+from vhost_rpmsg.guest import GuestTimeout
+from vhost_rpmsg.rpmsg import codec as rp
+from vhost_rpmsg.rpmsg.device import PayloadTooLarge, RpmsgDevice, WouldBlock
+
+
+def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.002)
+
+
+class Recorder(Endpoint):
+    def __init__(self, addr: int, name: str | None = None) -> None:
+        super().__init__(addr, name)
+        self.got: list[tuple[int, bytes]] = []
+
+    def on_message(self, src: int, data: bytes) -> None:
+        self.got.append((src, data))
+
+
+class Boom(Endpoint):
+    calls = 0
+
+    def on_message(self, src: int, data: bytes) -> None:
+        Boom.calls += 1
+        raise RuntimeError("handler bug")
+
+
+def test_announcements_reach_the_guest_in_order(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve([Echo(1024, "rpmsg-raw"), Echo(1025, "rpmsg-client-sample"), Sink(1026)])
+    g = r.guest().start()
+    first = g.ns_events.get(timeout=5)
+    second = g.ns_events.get(timeout=5)
+    assert (first.name, first.addr) == ("rpmsg-raw", 1024)
+    assert (second.name, second.addr) == ("rpmsg-client-sample", 1025)
+    assert g.ns_events.empty()  # the unnamed sink is not announced
+    g.close()
+
+
+def test_announcements_made_before_the_guest_are_delivered_once(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve()
+    dev: RpmsgDevice = r.device  # type: ignore[assignment]
+    for i in range(5):  # before any guest exists
+        dev.announce(f"early-{i}", 1100 + i)
+    g = r.guest().start()
+    names = [g.ns_events.get(timeout=5).name for _ in range(5)]
+    assert names == [f"early-{i}" for i in range(5)]
+    dev.announce("late", 1200)  # while the guest runs: immediate
+    assert g.ns_events.get(timeout=5).name == "late"
+    time.sleep(0.1)
+    assert g.ns_events.empty()  # exactly once each
+    assert g.stats.events["ns_create"] == 6
+    g.close()
+
+
+def test_announcement_racing_the_guest_start_is_not_lost(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve()
+    dev: RpmsgDevice = r.device  # type: ignore[assignment]
+    g = r.guest()
+    import threading
+
+    t = threading.Thread(target=lambda: [dev.announce(f"race-{i}", 1300 + i)
+                                         for i in range(50)])
+    t.start()
+    g.start()
+    t.join()
+    names = [g.ns_events.get(timeout=5).name for _ in range(50)]
+    assert names == [f"race-{i}" for i in range(50)]
+    time.sleep(0.1)
+    assert g.ns_events.empty()
+    g.close()
+
+
+def test_guest_reset_and_reconnect_reannounce(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve([Echo(1024, "rpmsg-raw")])
+    g = r.guest().start()
+    g.wait_channel("rpmsg-raw")
+    g.reset()  # driver unbind/rebind: rings set up again, memory table not re-sent
+    assert g.ns_events.get(timeout=5).name == "rpmsg-raw"
+    assert g.ns_events.get(timeout=5).name == "rpmsg-raw"
+    g.open(2000)
+    g.send(2000, 1024, b"after reset")
+    assert g.recv(2000) == (1024, b"after reset")
+    g.close()
+    g2 = r.guest().start()  # a new connection (QEMU restarted)
+    assert g2.wait_channel("rpmsg-raw").addr == 1024
+    assert r.device.stats["guest_sessions"] == 3  # type: ignore[attr-defined]
+    g2.close()
+
+
+def test_echo_round_trip(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve([Echo(1024)])
+    with r.guest() as g:
+        g.open(1500)
+        for size in (0, 1, 15, 16, 495, 496):
+            data = bytes(range(256)) * 2
+            g.send(1500, 1024, data[:size])
+            assert g.recv(1500) == (1024, data[:size])
+
+
+@pytest.mark.parametrize("guest_kind", ["old-linux", "new-linux", "no-event-idx"])
+def test_ten_thousand_each_way_byte_for_byte(serve, guest_kind: str) -> None:  # type: ignore[no-untyped-def]
+    rec = Recorder(1024)
+    r = serve([rec])
+    dev: RpmsgDevice = r.device  # type: ignore[assignment]
+    g = r.guest(tx_interrupts=guest_kind == "new-linux",
+                event_idx=guest_kind != "no-event-idx").start()
+    rng = random.Random(7)
+    n = 10_000
+    to_host = [rng.randbytes(i % 497) for i in range(n)]
+    to_guest = [rng.randbytes((i * 7) % 497) for i in range(n)]
+    g.open(2000)
+    t0 = time.perf_counter()
+    for p in to_host:
+        g.send(2000, 1024, p)
+    _wait(lambda: len(rec.got) == n)
+    t1 = time.perf_counter()
+    received = []
+    for p in to_guest:
+        dev.send(1024, 2000, p, timeout=10)
+    for _ in range(n):
+        received.append(g.recv(2000, timeout=10))
+    t2 = time.perf_counter()
+    assert rec.got == [(2000, p) for p in to_host]
+    assert received == [(1024, p) for p in to_guest]
+    assert g.stats.too_big == 0 and g.stats.no_recipient == 0
+    print(f"\n{guest_kind}: guest->host {n / (t1 - t0):,.0f} msg/s, "
+          f"host->guest {n / (t2 - t1):,.0f} msg/s, tx interrupts {g.stats.tx_interrupts}")
+    if guest_kind == "new-linux":
+        assert g.stats.tx_interrupts > 0  # it asked for tx-complete interrupts: it got them
+    g.close()
+
+
+def test_tx_starved_guest_gets_its_interrupt(serve) -> None:  # type: ignore[no-untyped-def]
+    """An old guest that runs out of tx buffers enables interrupts and sleeps: the host
+    must notify when it returns them, or the guest would stall for 15 s."""
+    sink = Sink(1024)
+    r = serve([sink])
+    with r.guest(queue_size=8) as g:  # 8 tx buffers
+        t0 = time.perf_counter()
+        for _ in range(200):
+            g.send(2000, 1024, b"x" * 100, timeout=2.0)
+        assert time.perf_counter() - t0 < 10
+        _wait(lambda: sink.messages == 200)
+
+
+def test_oversize_is_refused_before_the_ring(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve()
+    dev: RpmsgDevice = r.device  # type: ignore[assignment]
+    with r.guest() as g:
+        with pytest.raises(PayloadTooLarge, match="496"):
+            dev.send_nowait(1024, 2000, b"x" * 497)
+        assert dev.stats["refused_too_large"] == 1
+        assert dev.stats["to_guest_messages"] == 0
+        assert g.stats.too_big == 0
+
+
+def test_handler_exception_is_counted_and_server_goes_on(serve) -> None:  # type: ignore[no-untyped-def]
+    Boom.calls = 0
+    r = serve([Boom(1024), Echo(1025)])
+    with r.guest() as g:
+        for _ in range(3):
+            g.send(2000, 1024, b"crash")
+        g.open(2000)
+        g.send(2000, 1025, b"fine")
+        assert g.recv(2000) == (1025, b"fine")
+        _wait(lambda: Boom.calls == 3)
+        assert r.device.stats["handler_errors"] >= 1  # type: ignore[attr-defined]
+
+
+def test_unknown_destination_counted_and_buffer_returned(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve([Echo(1024)])
+    with r.guest(queue_size=8) as g:
+        for _ in range(50):  # more than the 8 tx buffers: they must come back
+            g.send(2000, 4242, b"nobody home", timeout=2)
+        _wait(lambda: r.device.stats["unknown_destination"] == 50)  # type: ignore[attr-defined]
+
+
+def test_guest_announcement_reaches_the_host(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve()
+    dev: RpmsgDevice = r.device  # type: ignore[assignment]
+    seen: list[rp.NsMessage] = []
+    dev.guest_ns_listeners.append(seen.append)
+    with r.guest() as g:
+        g.announce("guest-svc", 1030)
+        _wait(lambda: "guest-svc" in dev.guest_services)
+        assert dev.guest_services["guest-svc"].addr == 1030
+        g.announce("guest-svc", 1030, rp.NsFlags.DESTROY)
+        _wait(lambda: "guest-svc" not in dev.guest_services)
+    assert [(m.name, m.flags) for m in seen] == [
+        ("guest-svc", rp.NsFlags.CREATE), ("guest-svc", rp.NsFlags.DESTROY)]
+
+
+def test_flow_control_would_block_and_backpressure(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve(RpmsgDevice([Echo(1024)], outbox_limit=4))
+    dev: RpmsgDevice = r.device  # type: ignore[assignment]
+    g = r.guest(queue_size=8).start()  # 8 rx buffers
+    g.open(2000)
+    g.repost_rx = False  # the guest stops reading: its rx buffers run out
+    for i in range(8 + 4):  # 8 into rx buffers, 4 queued
+        dev.send_nowait(1024, 2000, b"m%d" % i)
+    with pytest.raises(WouldBlock):
+        dev.send_nowait(1024, 2000, b"one too many")
+    assert dev.queued == 4 and dev.stats["would_block"] == 1
+    # guest messages to echo now stay in the ring (the echo could not reply)
+    g.send(2000, 1024, b"echo me")
+    time.sleep(0.2)
+    assert dev.stats["to_host_paused"] >= 1
+    # the guest reads again: everything arrives, in order, including the echo
+    got = [g.recv(2000)[1] for _ in range(8)]
+    g.repost_rx = True
+    with g._rx_lock:
+        for gpa in g.rx_held:
+            g.rx_bufs[g.rings[0].add([(gpa, 512, 2)])] = gpa
+        g.rx_held.clear()
+        if g.rings[0].publish():
+            g._kick(0)
+    got += [g.recv(2000)[1] for _ in range(5)]
+    assert got == [b"m%d" % i for i in range(12)] + [b"echo me"]
+    g.close()
+
+
+def test_async_send_waits_for_room(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve(RpmsgDevice(outbox_limit=1))
+    dev: RpmsgDevice = r.device  # type: ignore[assignment]
+    g = r.guest(queue_size=8).start()
+    g.open(2000)
+
+    async def produce() -> None:
+        for i in range(40):
+            await dev.asend(1024, 2000, b"a%d" % i)
+
+    fut = asyncio.run_coroutine_threadsafe(produce(), r.loop.loop)
+    got = [g.recv(2000)[1] for _ in range(40)]
+    fut.result(5)
+    assert got == [b"a%d" % i for i in range(40)]
+    g.close()
+
+
+def test_async_handler_runs_in_order(serve) -> None:  # type: ignore[no-untyped-def]
+    class AsyncEcho(Endpoint):
+        async def on_message(self, src: int, data: bytes) -> None:  # type: ignore[override]
+            await asyncio.sleep(0)
+            assert self.port is not None
+            await self.port.asend(src, data)
+
+    r = serve([AsyncEcho(1024)])
+    with r.guest() as g:
+        g.open(2000)
+        for i in range(100):
+            g.send(2000, 1024, b"%d" % i)
+        assert [g.recv(2000)[1] for _ in range(100)] == [b"%d" % i for i in range(100)]
+
+
+def test_no_name_service_feature_means_no_announcements(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve([Echo(1024, "rpmsg-raw")])
+    with r.guest(name_service=False) as g:
+        with pytest.raises(GuestTimeout):
+            g.wait_channel("rpmsg-raw", timeout=0.3)
+        g.open(2000)
+        g.send(2000, 1024, b"direct")
+        assert g.recv(2000) == (1024, b"direct")
+
+
+def test_two_guests_two_devices_independent(serve) -> None:  # type: ignore[no-untyped-def]
+    a, b = serve([Echo(1024, "svc-a")]), serve([Echo(1024, "svc-b")])
+    with a.guest() as ga, b.guest() as gb:
+        assert ga.wait_channel("svc-a") and gb.wait_channel("svc-b")
+        assert "svc-b" not in ga.channels and "svc-a" not in gb.channels
+        for g in (ga, gb):
+            g.open(2000)
+            g.send(2000, 1024, b"mine")
+            assert g.recv(2000) == (1024, b"mine")

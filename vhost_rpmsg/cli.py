@@ -28,7 +28,7 @@ from .vhost_user.server import VhostUserServer, listen_unix
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A vhost-user backend serving RPMsg (virtio id 7) to virtual machines.")
-console = Console(stderr=False)
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 110)
 log = logging.getLogger("vhost_rpmsg")
 
 LogLevel = Annotated[str, typer.Option("--log-level", "-l",
@@ -207,6 +207,46 @@ def _demo_traffic(path: str, messages: int, device: RpmsgDevice, sink: object) -
         for key in sorted(device.stats):
             table.add_row(f"device.{key}", str(device.stats[key]))
         console.print(table)
+
+
+@app.command()
+def bench(
+    engines: Annotated[str, typer.Option(help="comma-separated engines to compare")] =
+        "cffi,python",
+    sizes: Annotated[str, typer.Option(help="payload sizes for the throughput cases")] =
+        "16,128,496",
+    messages: Annotated[int, typer.Option(help="messages per throughput case")] = 50_000,
+    samples: Annotated[int, typer.Option(help="echo round trips for latency")] = 5_000,
+    json_out: Annotated[str | None, typer.Option("--json", help="also write results here")]
+        = None,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Measure throughput and latency: server and simulated guest as separate processes."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from . import bench as b
+    from .engines import available_engines
+
+    _setup_logging(log_level)
+    wanted = [e.strip() for e in engines.split(",") if e.strip()]
+    missing = [e for e in wanted if e not in available_engines()]
+    if missing:
+        raise typer.BadParameter(f"engine(s) {', '.join(missing)} not available here "
+                                 f"(have {', '.join(available_engines())})",
+                                 param_hint="--engines")
+    size_list = [int(x) for x in sizes.split(",")]
+    if any(not 0 <= s <= 496 for s in size_list):
+        raise typer.BadParameter("sizes must be within 0..496", param_hint="--sizes")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+        report = b.run(wanted, size_list, messages, samples,
+                       progress=lambda s: progress.update(task, description=s))
+    for table in b.render(report):
+        console.print(table)
+    if json_out:
+        b.write_json(report, json_out)
+        console.print(f"results written to {json_out}")
 
 
 @app.command("qemu-cmdline")

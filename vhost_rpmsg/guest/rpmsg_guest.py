@@ -87,6 +87,7 @@ class SimGuest:
         protocol_features: int = QEMU_PROTOCOL_FEATURES,
         name_service: bool = True,
         hidden_tail: int = 0,
+        rx_thread: bool = True,
     ) -> None:
         self.socket_path = socket_path
         self.queue_size = queue_size
@@ -95,6 +96,9 @@ class SimGuest:
         self.want_protocol = protocol_features
         self.want_ns = name_service
         self.hidden_tail = hidden_tail
+        #: False: no background rx thread; recv()/wait_counted() drive the rx ring
+        #: themselves (no thread hand-off: what a latency measurement wants)
+        self.rx_thread = rx_thread
         #: False: rx buffers are kept after use instead of re-posted (tests make room so)
         self.repost_rx = True
         self.rx_held: list[int] = []
@@ -102,6 +106,7 @@ class SimGuest:
         self.channels: dict[str, Channel] = {}
         self.ns_events: queue.Queue[rp.NsMessage] = queue.Queue()
         self._inbox: dict[int, queue.Queue[tuple[int, bytes]]] = {}
+        self._counters: dict[int, list[int]] = {}
         self._tx_lock = threading.Lock()
         self._rx_lock = threading.Lock()
         self._stop = threading.Event()
@@ -164,8 +169,10 @@ class SimGuest:
             for i, lay in enumerate(layouts)
         ], send_memory=send_memory)
         self._stop.clear()
-        self._rx_thread = threading.Thread(target=self._rx_loop, name="simguest-rx", daemon=True)
-        self._rx_thread.start()
+        if self.rx_thread:
+            self._rx_thread = threading.Thread(target=self._rx_loop, name="simguest-rx",
+                                               daemon=True)
+            self._rx_thread.start()
         if rx_needs_kick:
             self._kick(RX)
 
@@ -226,10 +233,40 @@ class SimGuest:
         """Create a guest endpoint at ``addr`` (messages to it can then be received)."""
         self._inbox.setdefault(addr, queue.Queue())
 
+    def open_counter(self, addr: int) -> None:
+        """A guest endpoint that only counts messages and bytes (benchmark receiver)."""
+        self._counters.setdefault(addr, [0, 0])
+
+    def counted(self, addr: int) -> tuple[int, int]:
+        """(messages, payload bytes) a counting endpoint has received so far."""
+        n, b = self._counters[addr]
+        return n, b
+
+    def wait_counted(self, addr: int, messages: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._counters[addr][0] < messages:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestTimeout(f"guest address {addr} got {self._counters[addr][0]} of "
+                                   f"{messages} messages in {timeout}s")
+            if self.rx_thread:
+                time.sleep(0.0005)
+            else:
+                self._rx_poll(left)
+
     def recv(self, addr: int, timeout: float = 5.0) -> tuple[int, bytes]:
         """(src, payload) of the next message to the guest endpoint ``addr``."""
+        box = self._inbox[addr]
         try:
-            return self._inbox[addr].get(timeout=timeout)
+            if self.rx_thread:
+                return box.get(timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while box.empty():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise queue.Empty
+                self._rx_poll(left)
+            return box.get_nowait()
         except queue.Empty:
             raise GuestTimeout(f"no message for guest address {addr} in {timeout}s") from None
 
@@ -261,6 +298,32 @@ class SimGuest:
             self.stats.tx_messages += 1
             if ring.publish():
                 self._kick(TX)
+
+    def send_burst(self, src: int, dst: int, payload: bytes, count: int,
+                   timeout: float = TX_TIMEOUT) -> None:
+        """Send ``payload`` ``count`` times, publishing and kicking once per batch of
+        buffers, as a guest driver under load does (rpmsg_send in a tight loop)."""
+        if len(payload) > rp.MAX_PAYLOAD:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds {rp.MAX_PAYLOAD}")
+        msg = rp.encode_message(src, dst, payload)
+        n = len(msg)
+        ring = self.rings[TX]
+        left = count
+        with self._tx_lock:
+            while left:
+                if not self.tx_free:
+                    self._reclaim_tx()
+                if not self.tx_free:
+                    self.tx_free.append(self._get_tx_buf(timeout))
+                batch = min(left, len(self.tx_free))
+                for _ in range(batch):
+                    gpa = self.tx_free.pop()
+                    self._write(gpa, msg)
+                    self.tx_inflight[ring.add([(gpa, n, 0)])] = gpa
+                left -= batch
+                self.stats.tx_messages += batch
+                if ring.publish():
+                    self._kick(TX)
 
     def send_chain(self, bufs: list[tuple[int, int, int]]) -> int:
         """Post an arbitrary chain on the tx ring (for tests of malformed input)."""
@@ -324,21 +387,25 @@ class SimGuest:
     # -- rx: host → guest -----------------------------------------------------------------
 
     def _rx_loop(self) -> None:
+        while not self._stop.is_set():
+            self._rx_poll(0.05)
+
+    def _rx_poll(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for an rx interrupt, then drain the rx ring."""
         ring = self.rings[RX]
         fd = self.call[RX]
-        while not self._stop.is_set():
-            r, _, _ = select.select([fd], [], [], 0.05)
-            if r:
-                try:
-                    os.eventfd_read(fd)
-                    self.stats.rx_interrupts += 1
-                except BlockingIOError:
-                    pass
-            while True:
-                with self._rx_lock:
-                    self._rx_drain(ring)
-                    if not ring.enable_interrupts():
-                        break
+        r, _, _ = select.select([fd], [], [], timeout)
+        if r:
+            try:
+                os.eventfd_read(fd)
+                self.stats.rx_interrupts += 1
+            except BlockingIOError:
+                pass
+        while True:
+            with self._rx_lock:
+                self._rx_drain(ring)
+                if not ring.enable_interrupts():
+                    break
 
     def _rx_drain(self, ring: DriverRing) -> None:
         used = ring.get_used()
@@ -388,6 +455,11 @@ class SimGuest:
             return
         box = self._inbox.get(hdr.dst)
         if box is None:
+            counter = self._counters.get(hdr.dst)
+            if counter is not None:
+                counter[0] += 1
+                counter[1] += len(payload)
+                return
             self.stats.no_recipient += 1
             return
         box.put((hdr.src, payload))

@@ -1,0 +1,344 @@
+"""``vhost-rpmsg bench``: throughput and latency, server and simulated guest in separate
+processes, each engine side by side with two floors measured in the same run.
+
+Cases, per engine:
+  * ``sink S``   guest → host: the guest sends N messages of S bytes to a sink endpoint
+    as fast as it can; a final sync round trip proves the host handled them all.
+  * ``source S`` host → guest: a control message asks the host to send N messages of S
+    bytes as fast as the guest takes them; timed until the guest has counted them all.
+  * ``echo``     round trips of 16-byte messages to an echo endpoint: p50 / p99.
+Floors: a bare memcpy of the same bytes (numpy, one bulk copy) and an eventfd
+ping-pong between two processes (the least any cross-process round trip costs).
+Backend and guest CPU shares come from /proc (utime+stime over the case's wall time);
+the backend's peak RSS from its VmHWM.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import select
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .endpoints.base import Endpoint
+from .endpoints.builtin import Echo, Sink
+
+SINK, ECHO, CTL = 1024, 1025, 1026
+GUEST_ADDR = 2000
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Case:
+    name: str
+    engine: str
+    size: int
+    messages: int
+    seconds: float
+    backend_cpu: float  # fraction of one core
+    guest_cpu: float
+    p50_us: float | None = None
+    p99_us: float | None = None
+
+    @property
+    def msgs_per_s(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.msgs_per_s * self.size / 1e6
+
+
+@dataclass
+class Report:
+    cases: list[Case] = field(default_factory=list)
+    floors: dict[str, float] = field(default_factory=dict)
+    backend_peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    def find(self, name: str, engine: str, size: int | None = None) -> Case | None:
+        for c in self.cases:
+            if c.name == name and c.engine == engine and (size is None or c.size == size):
+                return c
+        return None
+
+    def ratios(self) -> dict[str, float]:
+        """The figures the targets are stated in, each computed within this run."""
+        out: dict[str, float] = {}
+        cf, py = self.find("sink", "cffi", 16), self.find("sink", "python", 16)
+        if cf and py and py.msgs_per_s:
+            out["sink16_cffi_over_python"] = cf.msgs_per_s / py.msgs_per_s
+        s496 = self.find("sink", "cffi", 496) or self.find("sink", "python", 496)
+        if s496 and self.floors.get("memcpy496_msgs_per_s"):
+            out["sink496_over_memcpy"] = s496.msgs_per_s / self.floors["memcpy496_msgs_per_s"]
+        echo = self.find("echo", "cffi") or self.find("echo", "python")
+        if echo and echo.p50_us and self.floors.get("eventfd_pingpong_p50_us"):
+            out["echo_p50_over_pingpong"] = echo.p50_us / self.floors["eventfd_pingpong_p50_us"]
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "cases": [asdict(c) | {"msgs_per_s": c.msgs_per_s, "mb_per_s": c.mb_per_s}
+                      for c in self.cases],
+            "floors": self.floors,
+            "backend_peak_rss_mb": self.backend_peak_rss_mb,
+            "ratios": self.ratios(),
+            "machine": self.machine,
+        }
+
+
+# -------------------------------------------------------------------- server process
+
+
+class BenchControl(Endpoint):
+    """Commands from the benchmarking guest: ``sync`` and ``src:N:SIZE:DST``."""
+
+    def __init__(self, addr: int, sink: Sink) -> None:
+        super().__init__(addr)
+        self.sink = sink
+
+    def on_message(self, src: int, data: bytes) -> None:
+        import asyncio
+
+        assert self.port is not None
+        if data == b"sync":
+            self.port.send(src, b"sync:%d" % self.sink.messages)
+        elif data.startswith(b"src:"):
+            _, n, size, dst = data.split(b":")
+            asyncio.get_running_loop().create_task(self._source(int(n), int(size), int(dst)))
+
+    async def _source(self, n: int, size: int, dst: int) -> None:
+        assert self.port is not None
+        payload = bytes(size)
+        device = self.port.device
+        for _ in range(n):
+            try:
+                device.send_nowait(self.addr, dst, payload)
+            except BlockingIOError:
+                await device.asend(self.addr, dst, payload)
+
+
+def _server_main(path: str, engine: str, ready: Any) -> None:
+    import asyncio
+    import signal
+
+    from .engines import queue_factory
+    from .rpmsg.device import RpmsgDevice
+    from .vhost_user.server import VhostUserServer, listen_unix
+
+    sink = Sink(SINK)
+    device = RpmsgDevice([sink, Echo(ECHO), BenchControl(CTL, sink)], outbox_limit=1024)
+    server = VhostUserServer(device, listen_unix(path), queue_factory=queue_factory(engine))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        server.start(loop)
+        ready.set()
+        await stop.wait()
+        server.close()
+
+    asyncio.run(main())
+
+
+# -------------------------------------------------------------------- guest process
+
+
+def _cpu_seconds(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messages: int,
+                samples: int, out: Any) -> None:
+    from .guest import SimGuest
+
+    results: list[dict[str, Any]] = []
+    with SimGuest(path, rx_thread=False) as g:
+        g.open(GUEST_ADDR)
+        g.open_counter(GUEST_ADDR + 1)
+
+        def sync() -> int:
+            g.send(GUEST_ADDR, CTL, b"sync")
+            _, reply = g.recv(GUEST_ADDR, timeout=60)
+            return int(reply.split(b":")[1])
+
+        def measure(name: str, size: int, n: int, run: Callable[[], None]) -> None:
+            b0, g0, t0 = _cpu_seconds(server_pid), _cpu_seconds(), time.perf_counter()
+            run()
+            t1 = time.perf_counter()
+            b1, g1 = _cpu_seconds(server_pid), _cpu_seconds()
+            wall = t1 - t0
+            results.append(dict(name=name, engine=engine, size=size, messages=n, seconds=wall,
+                                backend_cpu=(b1 - b0) / wall, guest_cpu=(g1 - g0) / wall))
+
+        sync()  # warm up the path
+        for size in sizes:
+            payload = bytes(size)
+            before = sync()
+
+            def to_sink(payload: bytes = payload, before: int = before) -> None:
+                g.send_burst(GUEST_ADDR, SINK, payload, messages)
+                assert sync() == before + messages
+
+            measure("sink", size, messages, to_sink)
+        for size in sizes:
+            start = g.counted(GUEST_ADDR + 1)[0]
+
+            def from_source(size: int = size, start: int = start) -> None:
+                g.send(GUEST_ADDR + 1, CTL, b"src:%d:%d:%d" % (messages, size, GUEST_ADDR + 1))
+                g.wait_counted(GUEST_ADDR + 1, start + messages, timeout=120)
+
+            measure("source", size, messages, from_source)
+        lat: list[float] = []
+
+        def echo() -> None:
+            payload = bytes(16)
+            for _ in range(samples):
+                t0 = time.perf_counter()
+                g.send(GUEST_ADDR, ECHO, payload)
+                g.recv(GUEST_ADDR)
+                lat.append(time.perf_counter() - t0)
+
+        measure("echo", 16, samples, echo)
+        lat.sort()
+        results[-1]["p50_us"] = lat[len(lat) // 2] * 1e6
+        results[-1]["p99_us"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6
+    out.send(results)
+
+
+# -------------------------------------------------------------------- floors
+
+
+def memcpy_floor(size: int, messages: int) -> float:
+    """Messages per second of a bare bulk copy of ``messages`` × ``size`` bytes."""
+    src = np.ones((messages, max(size, 1)), np.uint8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return messages / best
+
+
+def _pong(a: int, b: int, n: int) -> None:
+    for _ in range(n):
+        select.select([a], [], [])
+        os.eventfd_read(a)
+        os.eventfd_write(b, 1)
+
+
+def eventfd_pingpong_floor(samples: int) -> tuple[float, float]:
+    """p50 / p99 round trip (µs) of an eventfd ping-pong between two processes."""
+    a = os.eventfd(0, os.EFD_NONBLOCK)
+    b = os.eventfd(0, os.EFD_NONBLOCK)
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=_pong, args=(a, b, samples))
+    p.start()
+    lat = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        os.eventfd_write(a, 1)
+        select.select([b], [], [])
+        os.eventfd_read(b)
+        lat.append(time.perf_counter() - t0)
+    p.join()
+    os.close(a)
+    os.close(b)
+    lat.sort()
+    return lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
+
+
+# -------------------------------------------------------------------- orchestration
+
+
+def run(engines: list[str], sizes: list[int], messages: int, samples: int,
+        progress: Callable[[str], None] = lambda s: None) -> Report:
+    """Run every case for every engine; floors measured in the same run."""
+    import platform
+
+    report = Report(machine={"cpus": os.cpu_count(), "python": platform.python_version()})
+    ctx = mp.get_context("spawn")
+    for engine in engines:
+        with tempfile.TemporaryDirectory(prefix="vhost-rpmsg-bench-") as tmp:
+            path = os.path.join(tmp, "bench.sock")
+            ready = ctx.Event()
+            server = ctx.Process(target=_server_main, args=(path, engine, ready), daemon=True)
+            server.start()
+            if not ready.wait(30):
+                server.kill()
+                raise RuntimeError(f"bench server ({engine}) did not start")
+            progress(f"engine {engine}: guest running {len(sizes)}×2 throughput cases + echo")
+            recv, send = ctx.Pipe(duplex=False)
+            assert server.pid is not None
+            guest = ctx.Process(target=_guest_main, args=(
+                path, server.pid, engine, sizes, messages, samples, send))
+            guest.start()
+            if not recv.poll(600):
+                guest.kill()
+                server.kill()
+                raise RuntimeError(f"bench guest ({engine}) produced no result")
+            for r in recv.recv():
+                report.cases.append(Case(**r))
+            guest.join(10)
+            report.backend_peak_rss_mb[engine] = _peak_rss_mb(server.pid)
+            server.terminate()
+            server.join(10)
+    progress("floors: memcpy and eventfd ping-pong")
+    for size in sizes:
+        report.floors[f"memcpy{size}_msgs_per_s"] = memcpy_floor(size, max(messages, 10000))
+    p50, p99 = eventfd_pingpong_floor(max(samples, 1000))
+    report.floors["eventfd_pingpong_p50_us"] = p50
+    report.floors["eventfd_pingpong_p99_us"] = p99
+    return report
+
+
+def render(report: Report) -> list[Any]:
+    """Rich tables: the cases, the floors, and the ratios the targets are stated in."""
+    from rich.table import Table
+
+    cases = Table(title="vhost-rpmsg bench: cases")
+    for col in ("case", "engine", "bytes", "msgs/s", "MB/s", "p50 µs", "p99 µs",
+                "backend CPU", "guest CPU"):
+        cases.add_column(col, justify="left" if col in ("case", "engine") else "right")
+    for c in report.cases:
+        cases.add_row(c.name, c.engine, str(c.size), f"{c.msgs_per_s:,.0f}",
+                      f"{c.mb_per_s:,.1f}", f"{c.p50_us:.1f}" if c.p50_us else "",
+                      f"{c.p99_us:.1f}" if c.p99_us else "",
+                      f"{c.backend_cpu:.0%}", f"{c.guest_cpu:.0%}")
+    floors = Table(title="floors and memory (same run)")
+    floors.add_column("what")
+    floors.add_column("value", justify="right")
+    for k, v in report.floors.items():
+        floors.add_row(k, f"{v:,.1f}")
+    for engine, rss in report.backend_peak_rss_mb.items():
+        floors.add_row(f"backend peak RSS ({engine})", f"{rss:.1f} MB")
+    ratios = Table(title="ratios (targets: >= 20, >= 0.10, <= 2.0)")
+    ratios.add_column("ratio")
+    ratios.add_column("value", justify="right")
+    for k, v in report.ratios().items():
+        ratios.add_row(k, f"{v:.3f}")
+    return [cases, floors, ratios]
+
+
+def write_json(report: Report, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report.as_json(), f, indent=2)

@@ -228,7 +228,7 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
 
 
 def memcpy_floor(size: int, messages: int) -> float:
-    """Messages per second of a bare bulk copy of ``messages`` × ``size`` bytes."""
+    """Messages per second of a bare bulk copy of ``messages`` x ``size`` bytes."""
     src = np.ones((messages, max(size, 1)), np.uint8)
     dst = np.empty_like(src)
     best = float("inf")
@@ -286,7 +286,7 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
             if not ready.wait(30):
                 server.kill()
                 raise RuntimeError(f"bench server ({engine}) did not start")
-            progress(f"engine {engine}: guest running {len(sizes)}×2 throughput cases + echo")
+            progress(f"engine {engine}: guest running {len(sizes)}x2 throughput cases + echo")
             recv, send = ctx.Pipe(duplex=False)
             assert server.pid is not None
             guest = ctx.Process(target=_guest_main, args=(

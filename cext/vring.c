@@ -1,0 +1,426 @@
+/*
+ * vring.c - split-virtqueue engine for vhost-rpmsg (see vring.h).
+ *
+ * Every rule here mirrors vhost_rpmsg/virtqueue.py; when changing one, change the other
+ * and run tests/test_engine_differential.py.
+ */
+#include "vring.h"
+
+#include <stddef.h>
+#include <string.h>
+
+#define DESC_SIZE 16u
+#define F_NEXT 1u
+#define F_WRITE 2u
+#define F_INDIRECT 4u
+#define AVAIL_F_NO_INTERRUPT 1u
+#define USED_F_NO_NOTIFY 1u
+
+/* -- little-endian loads and stores, each a single fetch ------------------------------- */
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define LE16(x) __builtin_bswap16(x)
+#define LE32(x) __builtin_bswap32(x)
+#define LE64(x) __builtin_bswap64(x)
+#else
+#define LE16(x) (x)
+#define LE32(x) (x)
+#define LE64(x) (x)
+#endif
+
+/* Pin a value read by memcpy, so the compiler cannot fetch it again from guest memory. */
+#define PIN(v) __asm__ __volatile__("" : "+r"(v))
+
+static inline uint64_t ld64(const uint8_t *p)
+{
+    uint64_t v;
+    if (((uintptr_t)p & 7u) == 0) {
+        v = __atomic_load_n((const uint64_t *)(const void *)p, __ATOMIC_RELAXED);
+    } else {
+        memcpy(&v, p, sizeof v);
+        PIN(v);
+    }
+    return LE64(v);
+}
+
+static inline uint16_t ld16(const uint8_t *p)
+{
+    uint16_t v;
+    if (((uintptr_t)p & 1u) == 0) {
+        v = __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED);
+    } else {
+        memcpy(&v, p, sizeof v);
+        PIN(v);
+    }
+    return LE16(v);
+}
+
+static inline uint16_t ld16_acquire(const uint8_t *p)
+{
+    uint16_t v;
+    if (((uintptr_t)p & 1u) == 0) {
+        v = __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_ACQUIRE);
+    } else {
+        memcpy(&v, p, sizeof v);
+        PIN(v);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    }
+    return LE16(v);
+}
+
+static inline void st16(uint8_t *p, uint16_t v)
+{
+    v = LE16(v);
+    if (((uintptr_t)p & 1u) == 0)
+        __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELAXED);
+    else
+        memcpy(p, &v, sizeof v);
+}
+
+static inline void st16_release(uint8_t *p, uint16_t v)
+{
+    v = LE16(v);
+    if (((uintptr_t)p & 1u) == 0) {
+        __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELEASE);
+    } else {
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        memcpy(p, &v, sizeof v);
+    }
+}
+
+static inline void st32(uint8_t *p, uint32_t v)
+{
+    v = LE32(v);
+    if (((uintptr_t)p & 3u) == 0)
+        __atomic_store_n((uint32_t *)(void *)p, v, __ATOMIC_RELAXED);
+    else
+        memcpy(p, &v, sizeof v);
+}
+
+/* -- address translation ---------------------------------------------------------------- */
+
+/* GuestMemory.find_gpa: the first region holding all of [gpa, gpa + len). */
+static inline int find_gpa(const vr_region *regions, uint32_t nregions, uint64_t gpa,
+                           uint64_t len, uint32_t *region, uint64_t *off)
+{
+    for (uint32_t i = 0; i < nregions; i++) {
+        const vr_region *g = &regions[i];
+        if (gpa < g->gpa)
+            continue;
+        uint64_t o = gpa - g->gpa;
+        if (o > g->size || len > g->size - o)
+            continue;
+        *region = i;
+        *off = o;
+        return 1;
+    }
+    return 0;
+}
+
+/* Host address of [off, off + len) of region r, or NULL if not wholly inside it. */
+static inline uint8_t *region_range(const vr_region *regions, uint32_t nregions, uint64_t r,
+                                    uint64_t off, uint64_t len)
+{
+    if (r >= nregions)
+        return NULL;
+    const vr_region *g = &regions[r];
+    if (off > g->size || len > g->size - off)
+        return NULL;
+    return g->base + off;
+}
+
+/* -- the chain walk ---------------------------------------------------------------------- */
+
+typedef struct {
+    uint64_t nseg; /* segments found; stored only while they fit */
+    uint32_t nread, nwrite;
+    uint64_t read_len, write_len;
+} walk_result;
+
+static inline void record(vr_batch *b, uint64_t slot, uint32_t region, uint64_t off,
+                          uint32_t len, uint8_t writable)
+{
+    if (slot < b->seg_cap) {
+        b->seg_region[slot] = region;
+        b->seg_off[slot] = off;
+        b->seg_len[slot] = len;
+        b->seg_writable[slot] = writable;
+    }
+}
+
+/* SplitQueue._walk, check for check.  Segments go to b from index s0 on. */
+static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, vr_batch *b,
+                    uint64_t s0, walk_result *w)
+{
+    const vr_region *regions = ring->regions;
+    const uint32_t nregions = ring->nregions;
+    const uint8_t *table = ring->desc;
+    uint64_t limit = ring->size;
+    uint64_t idx = head;
+    uint64_t seen = 0;
+    int nested = 0;
+
+    memset(w, 0, sizeof *w);
+    if (head >= ring->size)
+        return VR_CHAIN_HEAD_OUT_OF_RANGE;
+    for (;;) {
+        uint32_t r;
+        uint64_t off;
+
+        if (++seen > limit)
+            return VR_CHAIN_LOOP;
+        const uint8_t *d = table + DESC_SIZE * idx; /* idx < limit: inside the table */
+        const uint64_t addr = ld64(d);
+        const uint64_t word = ld64(d + 8);
+        const uint32_t len = (uint32_t)word;
+        const uint32_t flags = (uint32_t)(word >> 32) & 0xFFFFu;
+        const uint32_t next = (uint32_t)(word >> 48);
+
+        if (flags & F_INDIRECT) {
+            if (!indirect_ok)
+                return VR_CHAIN_INDIRECT_NOT_NEGOTIATED;
+            if (nested)
+                return VR_CHAIN_INDIRECT_NESTED;
+            if (flags & F_NEXT)
+                return VR_CHAIN_INDIRECT_WITH_NEXT;
+            if (len == 0 || len % DESC_SIZE)
+                return VR_CHAIN_INDIRECT_BAD_LEN;
+            if (!find_gpa(regions, nregions, addr, len, &r, &off))
+                return VR_CHAIN_ADDR_OUT_OF_BOUNDS;
+            table = regions[r].base + off;
+            limit = len / DESC_SIZE;
+            idx = 0;
+            seen = 0;
+            nested = 1;
+            continue;
+        }
+        if (len) {
+            if (!find_gpa(regions, nregions, addr, len, &r, &off))
+                return VR_CHAIN_ADDR_OUT_OF_BOUNDS;
+            if (flags & F_WRITE) {
+                record(b, s0 + w->nseg++, r, off, len, 1);
+                w->nwrite++;
+                w->write_len += len;
+            } else {
+                if (w->nwrite)
+                    return VR_CHAIN_READABLE_AFTER_WRITABLE;
+                record(b, s0 + w->nseg++, r, off, len, 0);
+                w->nread++;
+                w->read_len += len;
+            }
+        } else if (!(flags & F_WRITE) && w->nwrite) {
+            return VR_CHAIN_READABLE_AFTER_WRITABLE;
+        }
+        if (!(flags & F_NEXT))
+            return VR_CHAIN_OK;
+        if (next >= limit)
+            return VR_CHAIN_NEXT_OUT_OF_RANGE;
+        idx = next;
+    }
+}
+
+/* Copy the first `want` readable bytes of a chain just walked (its segments are valid). */
+static void copy_readable(const vr_ring *ring, const vr_batch *b, uint64_t s0, uint32_t nread,
+                          uint64_t want, uint8_t *out)
+{
+    for (uint32_t k = 0; k < nread && want; k++) {
+        uint64_t j = s0 + k;
+        uint64_t take = b->seg_len[j] < want ? b->seg_len[j] : want;
+        memcpy(out, ring->regions[b->seg_region[j]].base + b->seg_off[j], (size_t)take);
+        out += take;
+        want -= take;
+    }
+}
+
+int vr_pop_batch(const vr_ring *ring, vr_batch *b)
+{
+    const uint32_t mask = ring->size - 1;
+    const int indirect_ok = (b->flags & VR_F_INDIRECT) != 0;
+    uint32_t n;
+    uint16_t last = b->last_avail;
+
+    b->nchains = b->nsegs = b->nbad = 0;
+    b->need = 0;
+    b->data_used = 0;
+    if (!(b->flags & VR_F_CONTINUE)) {
+        /* The acquire orders every later read of ring entries and descriptors after it. */
+        const uint16_t avail_idx = ld16_acquire(ring->avail + 2);
+        const uint32_t pending = (uint16_t)(avail_idx - last);
+        b->avail_idx = avail_idx;
+        b->pending = pending;
+        if (pending > ring->size)
+            return VR_POP_AHEAD;
+        n = pending < b->max_chains ? pending : b->max_chains;
+        b->total = n;
+    } else {
+        n = b->max_chains;
+    }
+
+    for (uint32_t i = 0; i < n; i++) {
+        walk_result w;
+        const uint32_t head = ld16(ring->avail + 4 + 2 * (last & mask));
+        const uint64_t s0 = b->nsegs;
+        const uint8_t err = walk(ring, indirect_ok, head, b, s0, &w);
+
+        if (w.nseg > (uint64_t)b->seg_cap - s0) {
+            b->need = w.nseg;
+            return VR_POP_NEED_SEGS;
+        }
+        if (b->data && err == VR_CHAIN_OK) {
+            const uint64_t want = w.read_len < b->data_limit ? w.read_len : b->data_limit;
+            if (want > b->data_cap - b->data_used) {
+                b->need = want;
+                return VR_POP_NEED_DATA;
+            }
+            copy_readable(ring, b, s0, w.nread, want, b->data + b->data_used);
+            b->data_off[i] = b->data_used;
+            b->data_len[i] = want;
+            b->data_used += want;
+        } else if (b->data) {
+            b->data_off[i] = b->data_used;
+            b->data_len[i] = 0;
+        }
+        b->heads[i] = head;
+        b->errors[i] = err;
+        b->seg_start[i] = (uint32_t)s0;
+        b->nread[i] = w.nread;
+        b->nwrite[i] = w.nwrite;
+        b->read_len[i] = w.read_len;
+        b->write_len[i] = w.write_len;
+        b->nsegs = (uint32_t)(s0 + w.nseg);
+        if (err != VR_CHAIN_OK)
+            b->nbad++;
+        b->nchains = i + 1;
+        last = (uint16_t)(last + 1);
+        b->last_avail = last;
+    }
+    return VR_POP_DONE;
+}
+
+/* -- used ring and notifications ------------------------------------------------------- */
+
+uint16_t vr_push_batch(const vr_ring *ring, uint16_t used_idx, const uint32_t *entries,
+                       uint32_t n)
+{
+    const uint32_t mask = ring->size - 1;
+    uint16_t idx = used_idx;
+
+    for (uint32_t k = 0; k < n; k++) {
+        uint8_t *elem = ring->used + 4 + 8 * (uint32_t)(idx & mask);
+        st32(elem, entries[2 * k]);
+        st32(elem + 4, entries[2 * k + 1]);
+        idx = (uint16_t)(idx + 1);
+    }
+    /* The publication point: the elements above are visible before the new idx. */
+    st16_release(ring->used + 2, idx);
+    return idx;
+}
+
+void vr_full_fence(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+int vr_need_notify(const vr_ring *ring, uint16_t new_idx, uint16_t old_idx, int event_idx)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* our used idx store before their wishes */
+    if (new_idx == old_idx)
+        return 0;
+    if (event_idx) {
+        const uint16_t event = ld16(ring->avail + 4 + 2 * ring->size);
+        return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
+    }
+    return !(ld16(ring->avail) & AVAIL_F_NO_INTERRUPT);
+}
+
+void vr_disable_kicks(const vr_ring *ring, int event_idx)
+{
+    if (!event_idx)
+        st16(ring->used, USED_F_NO_NOTIFY);
+}
+
+int vr_enable_kicks(const vr_ring *ring, uint16_t last_avail, int event_idx)
+{
+    if (event_idx)
+        st16(ring->used + 4 + 8 * ring->size, last_avail);
+    else
+        st16(ring->used, 0);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* publish the wish before re-reading idx */
+    return ld16_acquire(ring->avail + 2) != last_avail;
+}
+
+/* -- payload copies --------------------------------------------------------------------- */
+
+/*
+ * Both copies walk the segments as SplitQueue.read_chain/write_chain do: skip whole
+ * segments while the offset covers them, then take min(rest of segment, rest wanted).
+ * A first pass checks every byte range that will be touched; only then is anything copied.
+ */
+static int64_t check(const vr_region *regions, uint32_t nregions, const uint64_t *segs,
+                     uint32_t nsegs, uint64_t offset, uint64_t want)
+{
+    uint64_t done = 0;
+
+    for (uint32_t k = 0; k < nsegs && want; k++) {
+        const uint64_t r = segs[3 * k], off = segs[3 * k + 1], length = segs[3 * k + 2];
+        if (offset >= length) {
+            offset -= length;
+            continue;
+        }
+        const uint64_t take = length - offset < want ? length - offset : want;
+        if (off > UINT64_MAX - offset || !region_range(regions, nregions, r, off + offset, take))
+            return VR_COPY_BAD_SEGMENT;
+        offset = 0;
+        want -= take;
+        done += take;
+    }
+    return (int64_t)done;
+}
+
+char *vr_range(const vr_region *regions, uint32_t nregions, uint64_t r, uint64_t off,
+               uint64_t len)
+{
+    return (char *)region_range(regions, nregions, r, off, len);
+}
+
+int64_t vr_gather(const vr_region *regions, uint32_t nregions, const uint64_t *segs,
+                  uint32_t nsegs, uint64_t offset, uint64_t want, uint8_t *out)
+{
+    const int64_t total = check(regions, nregions, segs, nsegs, offset, want);
+    if (total < 0)
+        return total;
+    for (uint32_t k = 0; k < nsegs && want; k++) {
+        const uint64_t r = segs[3 * k], off = segs[3 * k + 1], length = segs[3 * k + 2];
+        if (offset >= length) {
+            offset -= length;
+            continue;
+        }
+        const uint64_t take = length - offset < want ? length - offset : want;
+        memcpy(out, regions[r].base + off + offset, (size_t)take);
+        out += take;
+        offset = 0;
+        want -= take;
+    }
+    return total;
+}
+
+int64_t vr_scatter(const vr_region *regions, uint32_t nregions, const uint64_t *segs,
+                   uint32_t nsegs, uint64_t offset, const uint8_t *src, uint64_t len)
+{
+    const int64_t total = check(regions, nregions, segs, nsegs, offset, len);
+    if (total < 0)
+        return total;
+    for (uint32_t k = 0; k < nsegs && len; k++) {
+        const uint64_t r = segs[3 * k], off = segs[3 * k + 1], length = segs[3 * k + 2];
+        if (offset >= length) {
+            offset -= length;
+            continue;
+        }
+        const uint64_t take = length - offset < len ? length - offset : len;
+        memcpy(regions[r].base + off + offset, src, (size_t)take);
+        src += take;
+        offset = 0;
+        len -= take;
+    }
+    return total;
+}

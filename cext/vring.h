@@ -1,0 +1,163 @@
+/*
+ * vring.h - the split-virtqueue engine of vhost-rpmsg in C.
+ *
+ * A drop-in for the loops of vhost_rpmsg/virtqueue.py (SplitQueue): every function here
+ * does exactly what the Python reference does, check for check and in the same order, so
+ * the two engines give identical results on any ring, including hostile ones.  Python
+ * keeps all policy (stats, logging, QueueBroken); C only walks, copies and orders.
+ *
+ * Memory model: guest memory is a table of regions, each a host mapping of `size` bytes
+ * for guest-physical addresses [gpa, gpa + size).  A guest range is usable only if it lies
+ * wholly inside ONE region; all arithmetic is 64-bit and overflow safe.  Ring fields are
+ * little endian.  The guest may change any byte at any time: every descriptor is read
+ * once into locals and validated there (no double fetch).
+ */
+#ifndef VHOST_RPMSG_VRING_H
+#define VHOST_RPMSG_VRING_H
+
+#include <stdint.h>
+
+/* Chain errors: the values of vhost_rpmsg.virtqueue.ChainError. */
+#define VR_CHAIN_OK                      0
+#define VR_CHAIN_HEAD_OUT_OF_RANGE       1
+#define VR_CHAIN_NEXT_OUT_OF_RANGE       2
+#define VR_CHAIN_LOOP                    3
+#define VR_CHAIN_ADDR_OUT_OF_BOUNDS      4
+#define VR_CHAIN_INDIRECT_NESTED         5
+#define VR_CHAIN_INDIRECT_BAD_LEN        6
+#define VR_CHAIN_INDIRECT_WITH_NEXT      7
+#define VR_CHAIN_INDIRECT_NOT_NEGOTIATED 8
+#define VR_CHAIN_READABLE_AFTER_WRITABLE 9
+
+/* vr_batch.flags */
+#define VR_F_INDIRECT 1u /* VIRTIO_RING_F_INDIRECT_DESC negotiated */
+#define VR_F_CONTINUE 2u /* go on with a batch: pop exactly max_chains, no avail idx read */
+
+/* vr_pop_batch() results */
+#define VR_POP_DONE      0  /* every chain of the batch popped */
+#define VR_POP_NEED_SEGS 1  /* stopped before a chain whose segments do not fit: see need */
+#define VR_POP_NEED_DATA 2  /* stopped before a chain whose payload does not fit: see need */
+#define VR_POP_AHEAD     -1 /* avail idx is more than size ahead: the queue is broken */
+
+/* vr_gather() / vr_scatter() result when a segment fails the bounds re-check */
+#define VR_COPY_BAD_SEGMENT -1
+
+typedef struct vr_region {
+    uint8_t *base; /* host address of guest-physical address gpa */
+    uint64_t gpa;
+    uint64_t size;
+} vr_region;
+
+typedef struct vr_ring {
+    uint8_t *desc;  /* descriptor table: 16 * size bytes */
+    uint8_t *avail; /* flags, idx, ring[size], used_event: 6 + 2 * size bytes */
+    uint8_t *used;  /* flags, idx, ring[size] of (id, len), avail_event: 6 + 8 * size */
+    uint32_t size;  /* a power of two, 1..32768 */
+    uint32_t nregions;
+    const vr_region *regions;
+} vr_ring;
+
+/*
+ * One pop: inputs, outputs, and caller-owned flat output arrays.
+ *
+ * Chain i (i < nchains) has head heads[i], error errors[i], and the segments
+ * seg_start[i] .. seg_start[i] + nread[i] + nwrite[i] - 1: its nread[i] readable
+ * segments first, then its nwrite[i] writable ones (the walk never records a readable
+ * buffer after a writable one).  Segment j is (seg_region[j], seg_off[j], seg_len[j])
+ * with seg_writable[j] 0 or 1.  A chain with an error keeps the segments found before it.
+ *
+ * With data != NULL, each chain without error also has its first min(data_limit,
+ * read_len[i]) readable bytes copied to data + data_off[i], data_len[i] bytes long.
+ */
+typedef struct vr_batch {
+    /* in */
+    uint32_t max_chains; /* capacity of the per-chain arrays; the most to pop */
+    uint32_t flags;      /* VR_F_* */
+    uint32_t seg_cap;    /* capacity of the segment arrays */
+    uint64_t data_cap;   /* capacity of data (ignored when data is NULL) */
+    uint64_t data_limit; /* bytes to copy per chain at most */
+    /* in/out */
+    uint16_t last_avail;
+    /* out */
+    uint16_t avail_idx; /* the avail idx read (not with VR_F_CONTINUE) */
+    uint32_t pending;   /* (avail_idx - last_avail) mod 2^16 as read */
+    uint32_t total;     /* chains in this batch: min(pending, max_chains) */
+    uint32_t nchains;   /* chains popped by this call */
+    uint32_t nsegs;
+    uint32_t nbad;      /* chains with an error among them */
+    uint64_t need;      /* NEED_SEGS: segments, NEED_DATA: bytes, of the chain that did not fit */
+    uint64_t data_used;
+    /* per-chain arrays, max_chains entries each */
+    uint32_t *heads;
+    uint8_t *errors;
+    uint32_t *seg_start;
+    uint32_t *nread;
+    uint32_t *nwrite;
+    uint64_t *read_len;
+    uint64_t *write_len;
+    uint64_t *data_off; /* only with data */
+    uint64_t *data_len; /* only with data */
+    /* segment arrays, seg_cap entries each */
+    uint32_t *seg_region;
+    uint64_t *seg_off;
+    uint32_t *seg_len;
+    uint8_t *seg_writable;
+    /* optional payload buffer */
+    uint8_t *data;
+} vr_batch;
+
+/*
+ * Take available chains, walking each like SplitQueue._walk.  Unless VR_F_CONTINUE is
+ * set, first reads the avail idx (acquire) and fails with VR_POP_AHEAD if it is more
+ * than size ahead of last_avail, before looking at max_chains.  last_avail advances past
+ * every chain popped, also when the call stops early with VR_POP_NEED_*; the caller then
+ * grows its arrays and calls again with VR_F_CONTINUE and max_chains = total - nchains.
+ */
+int vr_pop_batch(const vr_ring *ring, vr_batch *b);
+
+/*
+ * Publish n used elements (entries[2k] = id, entries[2k+1] = len) from used_idx on, then
+ * store the new used idx with release ordering.  Returns the new used idx.
+ */
+uint16_t vr_push_batch(const vr_ring *ring, uint16_t used_idx, const uint32_t *entries,
+                       uint32_t n);
+
+/* A full memory barrier (what virtqueue.full_fence() approximates with a lock). */
+void vr_full_fence(void);
+
+/*
+ * Full fence, then whether the driver wants an interrupt for used idx moving from
+ * old_idx to new_idx: the event-idx test when event_idx, else !VRING_AVAIL_F_NO_INTERRUPT.
+ */
+int vr_need_notify(const vr_ring *ring, uint16_t new_idx, uint16_t old_idx, int event_idx);
+
+/* Set VRING_USED_F_NO_NOTIFY (only without event idx, as the Python engine does). */
+void vr_disable_kicks(const vr_ring *ring, int event_idx);
+
+/*
+ * Ask for a kick at last_avail (avail_event, or clear the used flags), full fence, then
+ * return whether the avail idx differs from last_avail.
+ */
+int vr_enable_kicks(const vr_ring *ring, uint16_t last_avail, int event_idx);
+
+/*
+ * Copy `want` bytes of a chain's segments (nsegs triples region, offset, length), starting
+ * `offset` bytes into them, to out.  Only the bytes actually copied are re-checked against
+ * the region table; if any lies outside it, nothing is copied and VR_COPY_BAD_SEGMENT is
+ * returned.  Otherwise returns the bytes copied (fewer than want if the segments end).
+ */
+int64_t vr_gather(const vr_region *regions, uint32_t nregions, const uint64_t *segs,
+                  uint32_t nsegs, uint64_t offset, uint64_t want, uint8_t *out);
+
+/*
+ * The host address of [off, off + len) of region r, or NULL if that range is not wholly
+ * inside the region (or r is not in the table): the one-segment form of the re-check.
+ */
+char *vr_range(const vr_region *regions, uint32_t nregions, uint64_t r, uint64_t off,
+               uint64_t len);
+
+/* The reverse of vr_gather: copy len bytes of src into the segments from offset on. */
+int64_t vr_scatter(const vr_region *regions, uint32_t nregions, const uint64_t *segs,
+                   uint32_t nsegs, uint64_t offset, const uint8_t *src, uint64_t len);
+
+#endif /* VHOST_RPMSG_VRING_H */

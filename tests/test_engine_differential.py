@@ -1,0 +1,786 @@
+"""The cffi engine against the Python reference: same results on any ring, however hostile.
+
+Each scenario builds two guest memories with identical layout and bytes (memfds mapped by
+GuestMemory, as the back-end maps them), one queue per engine over each, and drives both
+with the same random operations: pops (with every malformed-chain case: loops, next and
+head out of range, buffers outside memory or straddling two regions or wrapping 2^64,
+indirect tables nested / badly sized / with NEXT / not negotiated, readable after
+writable, zero-length descriptors), payload reads and writes at offsets, used-ring
+pushes, notification decisions with and without event idx, kick toggles, guest memory
+changes under outstanding chains, unmaps.  After every operation both must agree on the
+result or exception, the queue state and stats, and every byte of guest memory.
+
+Skipped, with the reason, only when the extension is not built; CI sets
+VHOST_RPMSG_REQUIRE_CFFI=1 so that a missing build fails instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vhost_rpmsg import engines
+from vhost_rpmsg.guest.ring import DriverRing, RingLayout
+from vhost_rpmsg.memory import GuestMemory
+from vhost_rpmsg.vhost_user.codec import MemoryRegion
+from vhost_rpmsg.virtqueue import (
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    Chain,
+    ChainError,
+    QueueBroken,
+    SplitQueue,
+)
+
+try:
+    from vhost_rpmsg import engine_cffi
+    from vhost_rpmsg.engine_cffi import CffiSplitQueue
+except ImportError as e:  # the extension is not built
+    IMPORT_ERROR: ImportError | None = e
+else:
+    IMPORT_ERROR = None
+
+needs_cffi = pytest.mark.skipif(
+    IMPORT_ERROR is not None,
+    reason=f"cffi engine not built (vhost_rpmsg._vring_c: {IMPORT_ERROR}); "
+    "build it with `pip install .` or `python cext/build_vring.py`",
+)
+
+NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
+M64 = (1 << 64) - 1
+KB = 1024
+UVA = 0x7F00_0000_0000
+
+# Region layouts (gpa, size); region 0 holds the ring, the indirect tables and buffers.
+LAYOUTS: list[list[tuple[int, int]]] = [
+    [(0, 64 * KB)],
+    [(0, 64 * KB), (64 * KB, 16 * KB)],  # adjacent: a range may straddle the two
+    [(0, 64 * KB), (0x100000, 16 * KB), ((1 << 64) - 64 * KB, 64 * KB)],  # gap; ends at 2^64
+    [(0x20000, 64 * KB), (0x10000, 64 * KB), (0x30000, 4 * KB)],  # unsorted, both sides
+]
+NTABLES, TABLE_SLOTS = 4, 16
+
+
+def test_cffi_engine_is_built() -> None:
+    """With VHOST_RPMSG_REQUIRE_CFFI=1 (CI), a missing or broken build is a failure."""
+    if IMPORT_ERROR is None:
+        assert "cffi" in engines.available_engines()
+        return
+    if os.environ.get("VHOST_RPMSG_REQUIRE_CFFI") == "1":
+        pytest.fail(f"VHOST_RPMSG_REQUIRE_CFFI=1 but the cffi engine cannot be imported: "
+                    f"{IMPORT_ERROR!r}")
+    pytest.skip(f"cffi engine not built: {IMPORT_ERROR}")
+
+
+# -- guest memory and queues ------------------------------------------------------------
+
+
+class Mem:
+    """A GuestMemory over memfds, written through its own (bounds-checked) regions."""
+
+    def __init__(self, layout: list[tuple[int, int]]) -> None:
+        self.gm = GuestMemory()
+        self.uva_next = UVA
+        descs, fds = [], []
+        for gpa, size in layout:
+            desc, fd = self._memfd(gpa, size)
+            descs.append(desc)
+            fds.append(fd)
+        try:
+            self.gm.set_table(descs, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)  # the mappings outlive the fds; the back-end closes its own
+
+    def _memfd(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
+        fd = os.memfd_create("vr-diff", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        desc = MemoryRegion(gpa, size, self.uva_next, 0)
+        self.uva_next += 1 << 32
+        return desc, fd
+
+    def add(self, gpa: int, size: int) -> None:
+        desc, fd = self._memfd(gpa, size)
+        try:
+            self.gm.add(desc, fd)
+        finally:
+            os.close(fd)
+
+    def remove(self, index: int) -> None:
+        r = self.gm.regions[index]
+        self.gm.remove(MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.gm.write_gpa(gpa, data)
+
+    def snapshot(self) -> list[tuple[int, bytes]]:
+        return [(r.gpa, r.mem.tobytes()) for r in self.gm.regions]
+
+    def close(self) -> None:
+        self.gm.clear()
+
+
+def make_queue(cls: type[SplitQueue], mem: Mem, size: int, base: int, event_idx: bool,
+               indirect: bool) -> SplitQueue:
+    layout = RingLayout(mem.gm.regions[0].gpa, size)
+    r0 = mem.gm.regions[0]
+    to_uva = r0.uva - r0.gpa
+    q = cls(0, 32768)
+    q.set_size(size)
+    q.set_addresses(layout.desc + to_uva, layout.avail + to_uva, layout.used + to_uva)
+    q.set_base(base)
+    q.event_idx = event_idx
+    q.indirect = indirect
+    q.map(mem.gm)
+    q.started = q.enabled = True
+    return q
+
+
+def outcome(fn: Callable[[], Any]) -> tuple[Any, ...]:
+    try:
+        return ("ok", fn())
+    except Exception as e:
+        return ("raise", type(e), str(e))
+
+
+def qstate(q: SplitQueue) -> tuple[Any, ...]:
+    return (q.last_avail_idx, q.used_idx, q._signalled_used, q.broken, q.stats, q.size,
+            q.ready, q._desc.tobytes(), q._avail.tobytes(), q._used16.tobytes())
+
+
+# -- ring content --------------------------------------------------------------------------
+
+
+class Guest:
+    """Random, mostly well-formed-then-mutated ring content for one scenario."""
+
+    def __init__(self, rng: random.Random, layout: list[tuple[int, int]], size: int,
+                 base: int) -> None:
+        self.rng = rng
+        self.regions = layout
+        self.size = size
+        g0 = layout[0][0]
+        self.ring = RingLayout(g0, size)
+        self.tables = (self.ring.end + 255) & ~255
+        self.bufs = self.tables + NTABLES * TABLE_SLOTS * 16
+        self.avail_idx = base
+        self.heads: list[int] = []
+
+    # addresses and lengths, from sane to hostile
+    def in_bounds(self, length: int) -> int:
+        gpa, size = self.rng.choice(self.regions)
+        if length > size:
+            return gpa
+        if self.rng.random() < 0.5 and gpa == self.regions[0][0]:
+            lo = self.bufs - gpa
+            if lo + length <= size:
+                return gpa + self.rng.randrange(lo, size - length + 1)
+        return gpa + self.rng.randrange(0, size - length + 1)
+
+    def addr(self, length: int) -> int:
+        rng = self.rng
+        k = rng.random()
+        gpa, size = rng.choice(self.regions)
+        if k < 0.5:
+            return self.in_bounds(length)
+        if k < 0.6:  # over the end of a region (into the next one, a gap, or past 2^64)
+            return (gpa + size - length + rng.randrange(1, 9)) & M64
+        if k < 0.67:  # ends exactly at the end of a region
+            return (gpa + size - length) & M64
+        if k < 0.74:  # starts just before a region
+            return (gpa - rng.randrange(1, 17)) & M64
+        if k < 0.82:  # near the top of the address space
+            return (M64 + 1 - rng.randrange(1, 1 << 17)) & M64
+        if k < 0.9:  # a region's first byte
+            return gpa
+        return rng.getrandbits(64)
+
+    def length(self) -> int:
+        rng = self.rng
+        k = rng.random()
+        if k < 0.12:
+            return 0
+        if k < 0.6:
+            return rng.randrange(1, 65)
+        if k < 0.8:
+            return rng.randrange(1, 4097)
+        if k < 0.88:
+            return rng.randrange(1, 1 << 17)
+        if k < 0.94:
+            return 0xFFFFFFFF
+        return rng.getrandbits(32)
+
+    def table_addr(self) -> int:
+        t = self.rng.randrange(NTABLES)
+        return self.tables + t * TABLE_SLOTS * 16 + self.rng.choice([0, 0, 0, 0, 8, 1, 16])
+
+    def well_formed(self, slots: int, *, allow_indirect: bool
+                    ) -> tuple[list[list[int]], list[int]]:
+        """Descriptors [addr, len, flags, next] forming well-formed chains, and their heads."""
+        rng = self.rng
+        out: list[list[int]] = []
+        heads = []
+        i = 0
+        while i < slots:
+            n = min(rng.randrange(1, 5), slots - i)
+            heads.append(i)
+            nr = rng.randrange(0, n + 1)
+            indirect_last = allow_indirect and rng.random() < 0.3
+            for k in range(n):
+                last = k == n - 1
+                if last and indirect_last:
+                    out.append([self.table_addr() & ~15,
+                                16 * rng.randrange(1, TABLE_SLOTS + 1), INDIRECT, 0])
+                    continue
+                length = rng.randrange(1, 65) if rng.random() < 0.9 else 0
+                flags = (WRITE if k >= nr else 0) | (0 if last else NEXT)
+                out.append([self.in_bounds(max(length, 1)), length, flags,
+                            0 if last else i + k + 1])
+            i += n
+        return out, heads
+
+    def mutate(self, descs: list[list[int]], limit: int) -> None:
+        rng = self.rng
+        d = rng.choice(descs)
+        field = rng.randrange(6)
+        if field == 0:
+            d[1] = self.length()
+            d[0] = self.addr(d[1])
+        elif field == 1:
+            d[1] = self.length()
+        elif field == 2:
+            d[2] ^= rng.choice([NEXT, WRITE, INDIRECT, NEXT | INDIRECT, 1 << rng.randrange(16)])
+        elif field == 3:
+            d[3] = rng.choice([rng.randrange(limit), limit, limit + rng.randrange(1, 9),
+                               rng.getrandbits(16), 0])
+        elif field == 4:  # an indirect descriptor, maybe badly sized or placed
+            d[2] = INDIRECT | (rng.choice([0, 0, NEXT, WRITE]))
+            d[0] = rng.choice([self.table_addr(), self.addr(16)])
+            d[1] = rng.choice([16 * rng.randrange(1, TABLE_SLOTS + 1), 0, 8, 24 + 4,
+                               16 * (TABLE_SLOTS + 4), 0xFFFFFFF0, rng.getrandbits(32)])
+        else:  # loop to itself or back
+            d[3] = 0
+            d[2] |= NEXT
+
+    def build(self) -> tuple[bytes, bytes, int]:
+        """(descriptor table bytes, indirect tables bytes, mutations done)."""
+        rng = self.rng
+        descs, self.heads = self.well_formed(self.size, allow_indirect=True)
+        tables = [self.well_formed(TABLE_SLOTS, allow_indirect=False)[0]
+                  for _ in range(NTABLES)]
+        flat_tables = [d for t in tables for d in t]
+        nmut = rng.choice([0, 0, 1, 2, 3, 5, self.size // 4 + 1, self.size + 1])
+        for _ in range(nmut):
+            if rng.random() < 0.7:
+                self.mutate(descs, self.size)
+            else:
+                self.mutate(flat_tables, TABLE_SLOTS)
+        return pack(descs), pack(flat_tables), nmut
+
+    def avail_entries(self, count: int) -> list[tuple[int, int]]:
+        """(ring slot, head) writes making ``count`` more chains available."""
+        rng = self.rng
+        out = []
+        for _ in range(count):
+            k = rng.random()
+            if k < 0.85 and self.heads:
+                head = rng.choice(self.heads)
+            elif k < 0.93:
+                head = rng.randrange(self.size)
+            else:
+                head = rng.choice([self.size, self.size + 1, 0xFFFF, rng.getrandbits(16)])
+            out.append((self.avail_idx % self.size, head))
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        return out
+
+
+def pack(descs: list[list[int]]) -> bytes:
+    arr = np.zeros((len(descs), 2), "<u8")
+    for i, (addr, length, flags, nxt) in enumerate(descs):
+        arr[i, 0] = addr & M64
+        arr[i, 1] = (length & 0xFFFFFFFF) | ((flags & 0xFFFF) << 32) | ((nxt & 0xFFFF) << 48)
+    return arr.tobytes()
+
+
+# -- the scenario ------------------------------------------------------------------------
+
+
+class Pair:
+    """The two engines over two identical memories, checked after every step."""
+
+    def __init__(self, seed: int, layout_no: int, size_log: int, event_idx: bool,
+                 indirect: bool, tiny: bool) -> None:
+        self.rng = random.Random(seed)
+        rng = self.rng
+        self.layout = LAYOUTS[layout_no]
+        self.size = 1 << size_log
+        base = rng.choice([0, 0xFFFF - self.size // 2, rng.getrandbits(16)])
+        self.mems = [Mem(self.layout), Mem(self.layout)]
+        fill = np.random.default_rng(seed)
+        for r0, r1 in zip(self.mems[0].gm.regions, self.mems[1].gm.regions, strict=True):
+            data = fill.integers(0, 256, r0.size, dtype=np.uint8)
+            r0.mem[:] = data
+            r1.mem[:] = data
+        # The guest's own view of region 0 (ring, tables): it outlives the back-end's maps.
+        self.ram0 = [m.gm.regions[0].mem for m in self.mems]
+        self.guest = Guest(rng, self.layout, self.size, base)
+        desc, tables, self.mutations = self.guest.build()
+        self.write_both(self.guest.ring.desc, desc)
+        self.write_both(self.guest.tables, tables)
+        self.write_both(self.guest.ring.used, bytes(4))  # flags 0, idx 0
+        self.queues = [
+            make_queue(SplitQueue, self.mems[0], self.size, base, event_idx, indirect),
+            make_queue(CffiSplitQueue, self.mems[1], self.size, base, event_idx, indirect),
+        ]
+        if tiny:  # make every batch outgrow its arrays: the NEED_SEGS / NEED_DATA paths
+            self.queues[1]._batch = engine_cffi._Batch(chains=1, segs=1, data=1)
+        self.chains: list[Chain] = []
+        self.errors_seen: set[ChainError] = set()
+        self.broke = False
+
+    def close(self) -> None:
+        for m in self.mems:
+            m.close()
+
+    def write_both(self, gpa: int, data: bytes) -> None:
+        """Write to region 0 as the guest does (whatever the back-end has mapped)."""
+        off = gpa - self.layout[0][0]
+        for ram in self.ram0:
+            ram[off : off + len(data)] = np.frombuffer(data, np.uint8)
+
+    def publish(self, count: int) -> None:
+        ring = self.guest.ring
+        for slot, head in self.guest.avail_entries(count):
+            self.write_both(ring.avail + 4 + 2 * slot, head.to_bytes(2, "little"))
+        self.write_both(ring.avail + 2, self.guest.avail_idx.to_bytes(2, "little"))
+
+    def both(self, what: str, fn: Callable[[SplitQueue], Any]) -> Any:
+        py, cf = (outcome(lambda q=q: fn(q)) for q in self.queues)
+        assert py == cf, f"{what}: python {py!r} != cffi {cf!r}"
+        self.check_state(what)
+        return py
+
+    def check_state(self, what: str) -> None:
+        p, c = self.queues
+        assert qstate(p) == qstate(c), f"{what}: queue state differs"
+        a, b = ([(-1, ram.tobytes()), *m.snapshot()]
+                for m, ram in zip(self.mems, self.ram0, strict=True))
+        assert [g for g, _ in a] == [g for g, _ in b]
+        for (gpa, x), (_, y) in zip(a, b, strict=True):
+            if x != y:
+                diff = np.flatnonzero(np.frombuffer(x, np.uint8) != np.frombuffer(y, np.uint8))
+                raise AssertionError(f"{what}: memory differs in region 0x{gpa:x} at "
+                                     f"offsets {diff[:8].tolist()}")
+
+    def note(self, res: tuple[Any, ...]) -> None:
+        if res[0] == "ok" and isinstance(res[1], list):
+            chains = res[1]
+        elif res[0] == "ok" and isinstance(res[1], tuple):
+            chains = res[1][0]
+        else:
+            if res[0] == "raise" and res[1] is QueueBroken:
+                self.broke = True
+            return
+        self.chains.extend(chains)
+        self.errors_seen.update(c.error for c in chains)
+
+    def step(self) -> None:
+        rng = self.rng
+        op = rng.choices(
+            ["pop", "popread", "read", "write", "push", "notify", "kicks", "publish",
+             "features", "memory", "rebase"],
+            weights=[20, 8, 14, 10, 10, 8, 5, 12, 3, 1, 2],
+        )[0]
+        if op == "pop":
+            n = rng.choice([1, 2, 3, 8, 64, self.size, self.size + 3, 0, -1, 1 << 40])
+            self.note(self.both(f"pop_batch({n})", lambda q: q.pop_batch(n)))
+        elif op == "popread":
+            n = rng.choice([1, 4, 64, self.size])
+            limit = rng.choice([0, 1, 16, 100, 64 * KB + 15, 1 << 70, -1])
+            self.note(self.both(f"pop_read_batch({n}, {limit})",
+                                lambda q: engines.pop_read_batch(q, n, limit)))
+        elif op in ("read", "write") and self.chains:
+            useful = [c for c in self.chains if (c.readable if op == "read" else c.writable)]
+            c = rng.choice(useful if useful and rng.random() < 0.8 else self.chains)
+            total = c.read_len if op == "read" else c.write_len
+            offset = rng.choice([0, 0, 0, 1, rng.randrange(total + 2), total, total + 5, -3])
+            if op == "read":
+                limit = rng.choice([None, None, 0, 1, 7, rng.randrange(total + 2), -1, 1 << 70])
+                self.both(f"read_chain({c}, {limit}, {offset})",
+                          lambda q: q.read_chain(c, limit, offset))
+            else:
+                data = rng.randbytes(rng.choice([0, 1, 5, 16, 100, total, total + 3]))
+                kind = rng.choice([bytes, bytearray, memoryview])
+                self.both(f"write_chain({c}, {len(data)}, {offset})",
+                          lambda q: q.write_chain(c, kind(data), offset))
+        elif op == "push":
+            k = rng.randrange(0, 6)
+            entries = [(rng.choice(self.chains).head if self.chains and rng.random() < 0.9
+                        else rng.randrange(self.size + 1), rng.getrandbits(32))
+                       for _ in range(k)]
+            if rng.random() < 0.05:
+                entries.append((rng.choice([-1, 1 << 32]), 0))  # garbage from a buggy caller
+            self.both(f"push_batch({entries})", lambda q: q.push_batch(entries))
+        elif op == "notify":
+            if rng.random() < 0.5:
+                ring = self.guest.ring
+                self.write_both(ring.avail, rng.choice([0, 1, 3]).to_bytes(2, "little"))
+                event = rng.choice([self.queues[0].used_idx, rng.getrandbits(16), 0])
+                self.write_both(ring.avail + 4 + 2 * self.size, event.to_bytes(2, "little"))
+            fn = rng.choice([SplitQueue.need_notify, SplitQueue.notify])
+            self.both(fn.__name__, lambda q: getattr(q, fn.__name__)())
+        elif op == "kicks":
+            name = rng.choice(["enable_kicks", "disable_kicks"])
+            self.both(name, lambda q: getattr(q, name)())
+        elif op == "publish":
+            room = self.size - ((self.guest.avail_idx - self.queues[0].last_avail_idx) & 0xFFFF)
+            count = max(0, min(room, rng.choice([1, 2, 3, self.size // 2, self.size])))
+            if rng.random() < 0.08:  # too far ahead: the queue breaks
+                count = rng.choice([self.size + 1, rng.randrange(1 << 16)])
+            if count > 2 * self.size:  # jump the index rather than writing 64k entries
+                self.guest.avail_idx = (self.guest.avail_idx + count) & 0xFFFF
+                count = 0
+            self.publish(count)
+            self.check_state("publish")
+        elif op == "features":
+            attr = rng.choice(["event_idx", "indirect"])
+            for q in self.queues:
+                setattr(q, attr, not getattr(q, attr))
+        elif op == "memory":
+            self.memory_change()
+        elif op == "rebase":  # the front-end sets the ring up again (SET_VRING_BASE)
+            base = (self.guest.avail_idx - rng.randrange(self.size + 1)) & 0xFFFF
+            self.both(f"set_base({base})", lambda q: q.set_base(base))
+
+    def memory_change(self) -> None:
+        """Change the region table under the queues (and outstanding chains)."""
+        rng = self.rng
+        action = rng.choice(["remove", "add", "remap", "unmap", "clear"])
+        if action == "remove" and len(self.mems[0].gm.regions) > 1:
+            i = rng.randrange(1, len(self.mems[0].gm.regions))
+            for m in self.mems:
+                m.remove(i)
+        elif action == "add" and len(self.mems[0].gm.regions) < 6:
+            gpa = rng.choice([0x4000_0000, 0x8000_0000, 0x1_0000_0000])
+            if all(not (g <= gpa < g + s) for g, s in self.layout) and all(
+                    r.gpa != gpa for r in self.mems[0].gm.regions):
+                for m in self.mems:
+                    m.add(gpa, 8 * KB)
+        elif action == "remap":
+            self.both("map", lambda q: q.map(q._mem) if q._mem is not None else None)
+        elif action == "unmap":
+            self.both("unmap", lambda q: q.unmap())
+        elif action == "clear":
+            for m in self.mems:
+                m.gm.clear()
+        self.check_state(f"memory {action}")
+
+
+def run_scenario(seed: int, layout_no: int, size_log: int, event_idx: bool, indirect: bool,
+                 tiny: bool, steps: int) -> Pair:
+    p = Pair(seed, layout_no, size_log, event_idx, indirect, tiny)
+    try:
+        p.check_state("setup")
+        p.publish(p.rng.choice([0, 1, p.size // 2, p.size, p.size]))
+        for _ in range(steps):
+            p.step()
+        # drain what is left, return everything, and compare the final notification
+        p.note(p.both("final pop", lambda q: q.pop_batch(p.size)))
+        entries = [(c.head, 0) for c in p.chains if c.returnable][: p.size]
+        p.both("final push", lambda q: q.push_batch(entries))
+        p.both("final notify", lambda q: q.need_notify())
+    finally:
+        p.close()
+    return p
+
+
+# -- the differential tests ------------------------------------------------------------------
+
+
+@needs_cffi
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    layout_no=st.integers(0, len(LAYOUTS) - 1),
+    size_log=st.integers(0, 8),
+    event_idx=st.booleans(),
+    indirect=st.booleans(),
+    tiny=st.booleans(),
+    steps=st.integers(1, 40),
+)
+def test_engines_agree_on_random_rings(seed: int, layout_no: int, size_log: int,
+                                       event_idx: bool, indirect: bool, tiny: bool,
+                                       steps: int) -> None:
+    run_scenario(seed, layout_no, size_log, event_idx, indirect, tiny, steps)
+
+
+@needs_cffi
+def test_engines_agree_on_a_seed_sweep() -> None:
+    """A fixed sweep that must meet every ChainError and a broken queue on the way."""
+    seen: set[ChainError] = set()
+    broke = 0
+    chains = 0
+    for seed in range(600):
+        rng = random.Random(seed)
+        p = run_scenario(seed, seed % len(LAYOUTS), rng.randrange(0, 9), rng.random() < 0.5,
+                         rng.random() < 0.8, seed % 5 == 0, 30)
+        seen |= p.errors_seen
+        broke += p.broke
+        chains += len(p.chains)
+    assert seen == set(ChainError), f"never produced: {set(ChainError) - seen}"
+    assert broke > 0
+    assert chains > 3000
+
+
+# -- targeted cases -----------------------------------------------------------------------
+
+
+class Duo:
+    """Both engines on two one-region memories, driven through DriverRing views."""
+
+    def __init__(self, size: int = 8, *, event_idx: bool = False, indirect: bool = True,
+                 layout: list[tuple[int, int]] | None = None) -> None:
+        self.layout = layout or [(0, 64 * KB)]
+        self.mems = [Mem(self.layout), Mem(self.layout)]
+        self.rl = RingLayout(self.layout[0][0], size)
+        self.drivers = [DriverRing(m.gm.regions[0].mem, RingLayout(0, size), event_idx)
+                        for m in self.mems]
+        self.queues = [make_queue(cls, m, size, 0, event_idx, indirect)
+                       for cls, m in zip((SplitQueue, CffiSplitQueue), self.mems, strict=True)]
+
+    def each(self, fn: Callable[[DriverRing, Mem], Any]) -> list[Any]:
+        return [fn(d, m) for d, m in zip(self.drivers, self.mems, strict=True)]
+
+    def both(self, fn: Callable[[SplitQueue], Any]) -> Any:
+        py, cf = (outcome(lambda q=q: fn(q)) for q in self.queues)
+        assert py == cf
+        assert qstate(self.queues[0]) == qstate(self.queues[1])
+        assert self.mems[0].snapshot() == self.mems[1].snapshot()
+        return py
+
+    def close(self) -> None:
+        for m in self.mems:
+            m.close()
+
+
+BUF = 0x8000
+
+
+def _indirect_table(m: Mem, entries: list[tuple[int, int, int, int]]) -> int:
+    at = 0x4000
+    m.write(at, pack([list(e) for e in entries]))
+    return at
+
+
+@needs_cffi
+@pytest.mark.parametrize("case", [
+    "ok", "head", "next", "loop", "addr_gap", "addr_straddle", "addr_wrap", "nested",
+    "bad_len", "with_next", "not_negotiated", "raw", "raw_zero_len", "zero_len_ok",
+])
+def test_each_chain_error_identically(case: str) -> None:
+    duo = Duo(indirect=case != "not_negotiated",
+              layout=[(0, 64 * KB), (64 * KB, 16 * KB)])
+    expected = {
+        "ok": ChainError.OK, "head": ChainError.HEAD_OUT_OF_RANGE,
+        "next": ChainError.NEXT_OUT_OF_RANGE, "loop": ChainError.LOOP,
+        "addr_gap": ChainError.ADDR_OUT_OF_BOUNDS, "addr_straddle": ChainError.ADDR_OUT_OF_BOUNDS,
+        "addr_wrap": ChainError.ADDR_OUT_OF_BOUNDS, "nested": ChainError.INDIRECT_NESTED,
+        "bad_len": ChainError.INDIRECT_BAD_LEN, "with_next": ChainError.INDIRECT_WITH_NEXT,
+        "not_negotiated": ChainError.INDIRECT_NOT_NEGOTIATED,
+        "raw": ChainError.READABLE_AFTER_WRITABLE,
+        "raw_zero_len": ChainError.READABLE_AFTER_WRITABLE, "zero_len_ok": ChainError.OK,
+    }[case]
+
+    def setup(d: DriverRing, m: Mem) -> None:
+        if case == "ok":
+            d.add([(BUF, 4, 0), (BUF + 64, 0, 0), (BUF + 128, 8, WRITE)])
+        elif case == "head":
+            d.add_raw(8)
+        elif case == "next":
+            h = d.add([(BUF, 4, 0)])
+            d.write_desc(h, BUF, 4, NEXT, 8)
+        elif case == "loop":
+            h = d.add([(BUF, 4, 0), (BUF, 4, 0)])
+            d.write_desc(h + 1, BUF, 4, NEXT, h)
+        elif case == "addr_gap":
+            d.add([(BUF, 4, 0), (0x100000, 4, 0)])
+        elif case == "addr_straddle":
+            d.add([(64 * KB - 2, 4, 0)])  # half in each of two adjacent regions
+        elif case == "addr_wrap":
+            d.add([((1 << 64) - 2, 4, 0)])
+        elif case in ("nested", "bad_len", "with_next", "not_negotiated"):
+            tbl = _indirect_table(m, [(BUF, 4, NEXT, 1),
+                                         (0x4000, 16, INDIRECT if case == "nested" else 0, 0)])
+            length = 24 if case == "bad_len" else 32
+            flags = INDIRECT | (NEXT if case == "with_next" else 0)
+            d.add([(tbl, length, flags)])
+        elif case == "raw":
+            d.add([(BUF, 4, WRITE), (BUF + 64, 4, 0)])
+        elif case == "raw_zero_len":
+            d.add([(BUF, 4, WRITE), (BUF + 64, 0, 0)])
+        elif case == "zero_len_ok":  # zero-length buffers are skipped, even out of memory
+            d.add([(BUF, 4, 0), (1 << 63, 0, WRITE), (BUF + 64, 4, WRITE)])
+        d.publish()
+
+    duo.each(setup)
+    res = duo.both(lambda q: q.pop_batch(4))
+    (chain,) = res[1]
+    assert chain.error is expected
+    duo.both(lambda q: q.read_chain(chain))
+    duo.both(lambda q: q.write_chain(chain, b"0123456789abcdef", 1))
+    duo.both(lambda q: q.push_batch([(chain.head, 3)]) if chain.returnable else None)
+    duo.close()
+
+
+@needs_cffi
+def test_queue_broken_identically() -> None:
+    duo = Duo(size=4)
+    duo.each(lambda d, m: m.write(d.layout.avail + 2, (9).to_bytes(2, "little")))
+    res = duo.both(lambda q: q.pop_batch(0))
+    assert res[:2] == ("raise", QueueBroken)
+    assert res[2] == "avail idx 9 is 9 ahead of 0"
+    assert duo.queues[1].broken == "avail idx 9 is 9 ahead of 0"
+    duo.close()
+
+
+@needs_cffi
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_notify_decisions_identically(event_idx: bool) -> None:
+    duo = Duo(size=8, event_idx=event_idx)
+    for round_ in range(40):
+        duo.each(lambda d, m: d.add([(BUF, 16, 0)]))
+        duo.each(lambda d, m: d.publish())
+        res = duo.both(lambda q: q.pop_batch(8))
+        (c,) = res[1]
+        duo.both(lambda q, c=c: q.push_batch([(c.head, 0)]))
+        if round_ % 3 == 0:
+            duo.each(lambda d, m: d.enable_interrupts())
+        elif round_ % 3 == 1:
+            duo.each(lambda d, m: d.disable_interrupts())
+        duo.both(lambda q: q.need_notify())
+        duo.both(lambda q, odd=round_ % 2: q.enable_kicks() if odd else q.disable_kicks())
+        duo.each(lambda d, m: d.get_used())
+    duo.close()
+
+
+@needs_cffi
+def test_stale_chains_after_the_table_changes() -> None:
+    """Chains kept across a memory change: both engines give the same (Python's) answer."""
+    layout = [(0, 64 * KB), (64 * KB, 16 * KB), (0x100000, 16 * KB)]
+    duo = Duo(layout=layout)
+    duo.each(lambda d, m: d.add([(64 * KB + 16, 32, 0), (0x100000 + 8, 32, WRITE)]))
+    duo.each(lambda d, m: d.publish())
+    (c,) = duo.both(lambda q: q.pop_batch(1))[1]
+    for m in duo.mems:
+        m.remove(1)  # the last region is now index 1, the chain's region 2 is gone
+    duo.both(lambda q: q.read_chain(c))
+    duo.both(lambda q: q.write_chain(c, b"x" * 40))
+    for m in duo.mems:
+        m.gm.clear()
+    duo.both(lambda q: q.read_chain(c))
+    duo.both(lambda q: q.write_chain(c, b"y" * 8))
+    duo.both(lambda q: q.pop_batch(4))  # the rings stay mapped through the queue's views
+    duo.close()
+
+
+@needs_cffi
+def test_unmapped_queue_fails_identically() -> None:
+    duo = Duo()
+    duo.each(lambda d, m: d.add([(BUF, 16, 0)]))
+    duo.each(lambda d, m: d.publish())
+    (c,) = duo.both(lambda q: q.pop_batch(1))[1]
+    duo.both(lambda q: q.unmap())
+    for fn in (lambda q: q.pop_batch(1), lambda q: q.push_batch([(0, 0)]),
+               lambda q: q.read_chain(c), lambda q: q.write_chain(c, b"abc"),
+               lambda q: q.enable_kicks(), lambda q: q.disable_kicks()):
+        assert duo.both(fn)[0] == "raise"
+    assert duo.both(lambda q: q.need_notify()) == ("ok", False)  # nothing pushed since
+    for q in duo.queues:
+        q.used_idx += 1
+    assert duo.both(lambda q: q.need_notify())[0] == "raise"
+    duo.close()
+
+
+@needs_cffi
+def test_unmap_releases_the_mapping() -> None:
+    """After unmap() the C engine holds nothing: clearing memory really unmaps it."""
+    mem = Mem([(0, 64 * KB)])
+    q = make_queue(CffiSplitQueue, mem, 8, 0, False, True)
+    q.pop_batch(1)
+    m = mem.gm.regions[0]._map
+    assert m is not None
+    q.unmap()
+    mem.gm.clear()
+    assert m.closed
+
+
+@needs_cffi
+def test_regions_stay_mapped_while_the_engine_uses_them() -> None:
+    """Memory cleared under a mapped queue: its pages live on until the queue lets go."""
+    mem = Mem([(0, 64 * KB)])
+    q = make_queue(CffiSplitQueue, mem, 8, 0, False, True)
+    m = mem.gm.regions[0]._map
+    assert m is not None
+    mem.gm.clear()
+    assert not m.closed
+    q.pop_batch(8)  # reads the ring through mappings that are still there
+    q.unmap()
+
+
+@needs_cffi
+def test_pop_read_batch_is_read_chain() -> None:
+    duo = Duo(size=128)
+    msgs = [bytes([i]) * (16 + i) for i in range(40)]
+
+    def fill(d: DriverRing, m: Mem) -> None:
+        for i, msg in enumerate(msgs):
+            m.write(BUF + 256 * i, msg)
+            d.add([(BUF + 256 * i, 8, 0), (BUF + 256 * i + 8, len(msg) - 8, 0)])
+        d.add([(BUF, 8, WRITE), (BUF, 8, 0)])  # a bad chain: no payload
+        d.publish()
+
+    duo.each(fill)
+    q = duo.queues[1]
+    chains, payloads = q.pop_read_batch(64, 20)
+    assert payloads[:40] == [msg[:20] for msg in msgs]
+    assert payloads[40] is None and chains[40].error is ChainError.READABLE_AFTER_WRITABLE
+    py = duo.queues[0].pop_batch(64)
+    assert chains == py
+    duo.close()
+
+
+# -- engine selection --------------------------------------------------------------------------
+
+
+def test_engine_selection() -> None:
+    assert engines.queue_factory("python") is SplitQueue
+    assert "python" in engines.available_engines()
+    with pytest.raises(ValueError, match="unknown engine"):
+        engines.queue_factory("rust")
+    if IMPORT_ERROR is None:
+        assert engines.queue_factory("cffi") is CffiSplitQueue
+        assert engines.queue_factory("auto") is CffiSplitQueue
+        assert engines.queue_factory()(3, 256).engine == "cffi"
+
+
+def test_auto_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "vhost_rpmsg._vring_c", None)  # import fails
+    monkeypatch.delitem(sys.modules, "vhost_rpmsg.engine_cffi", raising=False)
+    with caplog.at_level(logging.WARNING, "vhost_rpmsg.engines"):
+        assert engines.queue_factory("auto") is SplitQueue
+    assert engines.AUTO_FALLBACK_WARNING in caplog.text
+    assert engines.available_engines() == ["python"]
+    with pytest.raises(engines.EngineUnavailable, match="cffi engine is not built"):
+        engines.queue_factory("cffi")

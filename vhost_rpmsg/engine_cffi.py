@@ -1,0 +1,439 @@
+"""The "cffi" engine: :class:`~vhost_rpmsg.virtqueue.SplitQueue` with its loops in C.
+
+:class:`CffiSplitQueue` gives the same results as the Python reference engine on every
+ring, well formed or hostile (tests/test_engine_differential.py holds it to that): the
+same :class:`~vhost_rpmsg.virtqueue.Chain` objects, errors, exceptions, stats, ring
+bytes and payload bytes.  The chain walks, used-ring stores, fences and payload copies
+run in ``cext/vring.c``; everything with policy in it (stats, logging, QueueBroken)
+stays in Python.
+
+Memory safety.  C gets raw pointers, so this module makes sure they always point at live
+mappings and that C never goes outside them:
+
+* the region table handed to C holds a buffer export (``ffi.from_buffer``) of each
+  region's array, so a region unmapped by the back-end (``Region.close``) stays mapped
+  until the last table that names it is dropped;
+* a table is rebuilt whenever ``GuestMemory.generation`` moves, and each C call works on
+  an immutable snapshot (ring pointers + table) taken into a local first, so a table
+  change on another thread never swaps pointers under a running call;
+* after :meth:`unmap`, or when the queue size no longer matches the mapped rings, every
+  method falls back to the Python engine, which fails exactly as it does there;
+* payload copies re-check every byte range against the current table; a chain that no
+  longer fits it (memory changed since it was popped) is handed to the Python engine,
+  which gives its own result for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+from ._vring_c import ffi, lib
+from .memory import GuestMemory
+from .virtqueue import Chain, ChainError, Segment, SplitQueue
+
+__all__ = ["CffiSplitQueue", "full_fence"]
+
+_ERRORS: list[ChainError] = sorted(ChainError, key=int)
+if [int(e) for e in _ERRORS] != list(range(len(_ERRORS))) or lib.VR_CHAIN_OK != 0:
+    raise ImportError("ChainError values no longer match cext/vring.h")
+
+_raw_alloc = ffi.new_allocator(should_clear_after_alloc=False)
+
+_CHAINS0 = 64  # initial per-chain capacity (grows to the queue size at most)
+_SEGS0 = 256  # initial segment capacity (grows as chains need)
+_DATA0 = 1 << 16  # initial payload buffer of pop_read_batch (grows as chains need)
+
+
+def full_fence() -> None:
+    """A real full memory barrier (``__atomic_thread_fence(__ATOMIC_SEQ_CST)``)."""
+    lib.vr_full_fence()
+
+
+class _Table:
+    """A C region table for one generation of a GuestMemory.
+
+    Holds an export of every region's array: while this object lives, no mapping it names
+    can be unmapped (``mmap.close`` refuses while exports exist).
+    """
+
+    __slots__ = ("count", "generation", "keep", "mem", "ok", "regions", "sizes", "views")
+
+    def __init__(self, mem: GuestMemory) -> None:
+        self.mem = mem
+        self.generation = mem.generation  # read before the list: a race only rebuilds again
+        regs = list(mem.regions)
+        self.count = len(regs)
+        self.regions = ffi.new("vr_region[]", max(1, len(regs)))
+        self.keep: list[Any] = []
+        # For one-segment copies, checked here and done without a C call: the region's
+        # bytes as a memoryview (another export that keeps the mapping) and its size.
+        self.views: list[memoryview] = []
+        self.sizes: list[int] = []
+        self.ok = True
+        for i, r in enumerate(regs):
+            arr = r.mem
+            if arr.size < r.size or arr.size == 0:
+                self.ok = False  # a closed region still listed: let Python handle it
+                continue
+            buf = ffi.from_buffer("uint8_t[]", arr, require_writable=True)
+            self.keep.append(buf)
+            self.views.append(arr.data[: r.size])
+            self.sizes.append(r.size)
+            e = self.regions[i]
+            e.base = buf
+            e.gpa = r.gpa
+            e.size = r.size
+
+
+class _State:
+    """Immutable snapshot: ring pointers (exports of the queue's ring views) + a table."""
+
+    __slots__ = ("keep", "ring", "size", "table")
+
+    def __init__(self, q: SplitQueue, table: _Table, keep: tuple[Any, ...] | None = None) -> None:
+        self.table = table
+        self.size = q.size
+        if keep is None:
+            keep = (
+                ffi.from_buffer("uint8_t[]", q._desc, require_writable=True),
+                ffi.from_buffer("uint8_t[]", q._avail, require_writable=True),
+                ffi.from_buffer("uint8_t[]", q._used16, require_writable=True),
+            )
+        self.keep = keep
+        desc, avail, used = keep
+        n = self.size
+        if len(desc) < 16 * n or len(avail) < 6 + 2 * n or len(used) < 6 + 8 * n:
+            raise ValueError("ring views smaller than the queue size")  # not reached via map()
+        ring = ffi.new("vr_ring *")
+        ring.desc = desc
+        ring.avail = avail
+        ring.used = used
+        ring.size = n
+        ring.nregions = table.count
+        ring.regions = table.regions
+        self.ring = ring
+
+    def with_table(self, q: SplitQueue, table: _Table) -> _State:
+        return _State(q, table, self.keep)
+
+
+class _Batch:
+    """Reusable output arrays for vr_pop_batch (used under the queue lock only)."""
+
+    def __init__(self, chains: int = _CHAINS0, segs: int = _SEGS0, data: int = 0) -> None:
+        self.b = ffi.new("vr_batch *")
+        self.keep: dict[str, Any] = {}
+        self.chain_cap = 0
+        self.seg_cap = 0
+        self.data_cap = 0
+        self.grow_chains(chains)
+        self.grow_segs(segs)
+        if data:
+            self.grow_data(data)
+
+    def _arr(self, name: str, ctype: str, n: int) -> None:
+        a = ffi.new(f"{ctype}[]", n)
+        self.keep[name] = a
+        setattr(self.b, name, a)
+
+    def grow_chains(self, n: int) -> None:
+        for name, ctype in (
+            ("heads", "uint32_t"), ("errors", "uint8_t"), ("seg_start", "uint32_t"),
+            ("nread", "uint32_t"), ("nwrite", "uint32_t"), ("read_len", "uint64_t"),
+            ("write_len", "uint64_t"), ("data_off", "uint64_t"), ("data_len", "uint64_t"),
+        ):
+            self._arr(name, ctype, n)
+        self.chain_cap = n
+
+    def grow_segs(self, n: int) -> None:
+        for name, ctype in (
+            ("seg_region", "uint32_t"), ("seg_off", "uint64_t"), ("seg_len", "uint32_t"),
+            ("seg_writable", "uint8_t"),
+        ):
+            self._arr(name, ctype, n)
+        self.seg_cap = n
+        self.b.seg_cap = n
+
+    def grow_data(self, n: int) -> None:
+        a = _raw_alloc("uint8_t[]", n)
+        self.keep["data"] = a
+        self.data_cap = n
+
+
+def _pack(segs: Sequence[Segment]) -> Any:
+    """Segments as a C uint64_t[3 * n]; None if they are not plain (region, off, len)."""
+    n = len(segs)
+    try:
+        if n == 1:
+            seg = segs[0]
+            if len(seg) != 3:
+                return None
+            return ffi.new("uint64_t[3]", seg)
+        flat = list(itertools.chain.from_iterable(segs))
+        if len(flat) != 3 * n:
+            return None
+        return ffi.new("uint64_t[]", flat)
+    except (OverflowError, TypeError, ValueError):
+        return None
+
+
+class CffiSplitQueue(SplitQueue):
+    """A split virtqueue whose batch operations run in C; results identical to Python's."""
+
+    engine = "cffi"
+
+    def __init__(self, index: int, max_size: int = 1024) -> None:
+        super().__init__(index, max_size)
+        self._state: _State | None = None
+        self._batch: _Batch | None = None
+
+    # -- mapping ---------------------------------------------------------------------
+
+    def map(self, mem: GuestMemory) -> None:
+        super().map(mem)  # raises before changing anything if the rings are not in memory
+        self._state = None  # never a snapshot of the old rings with the new ones mapped
+        self._state = _State(self, _Table(mem))
+
+    def unmap(self) -> None:
+        self._state = None  # drop the exports first: nothing of ours keeps the old mapping
+        super().unmap()
+
+    def _current(self) -> _State | None:
+        """The snapshot to hand C, or None where only the Python engine may act."""
+        st = self._state
+        mem = self._mem
+        if st is None or mem is None or st.size != self.size:
+            return None
+        if st.table.generation != mem.generation or st.table.mem is not mem:
+            st = st.with_table(self, _Table(mem))
+            self._state = st
+        return st if st.table.ok else None
+
+    # -- batch operations ------------------------------------------------------------
+
+    def pop_batch(self, max_chains: int) -> list[Chain]:
+        """Take up to ``max_chains`` available chains, each validated and translated."""
+        st = self._current()
+        if st is None or type(max_chains) is not int:
+            return super().pop_batch(max_chains)
+        return self._pop(st, max_chains, None)[0]
+
+    def pop_read_batch(
+        self, max_chains: int, limit: int
+    ) -> tuple[list[Chain], list[bytes | None]]:
+        """:meth:`pop_batch`, plus the payload of each chain in the same C call.
+
+        ``payloads[i]`` is ``read_chain(chains[i], limit)`` for a chain without error and
+        None for one with an error: the rpmsg to_host hot path in one crossing.
+        """
+        st = self._current()
+        if st is None or type(max_chains) is not int or type(limit) is not int:
+            chains = super().pop_batch(max_chains)
+            return chains, [super(CffiSplitQueue, self).read_chain(c, limit) if c.ok else None
+                            for c in chains]
+        chains, payloads = self._pop(st, max_chains, limit)
+        assert payloads is not None
+        return chains, payloads
+
+    def _pop(
+        self, st: _State, max_chains: int, limit: int | None
+    ) -> tuple[list[Chain], list[bytes | None] | None]:
+        with self.lock:
+            want = max(0, min(max_chains, st.size))
+            bt = self._batch
+            if bt is None:
+                bt = self._batch = _Batch()
+            if want > bt.chain_cap:
+                bt.grow_chains(max(want, 2 * bt.chain_cap))
+            b = bt.b
+            payloads: list[bytes | None] | None = None
+            if limit is None:
+                b.data = ffi.NULL
+            else:
+                if bt.data_cap == 0:
+                    bt.grow_data(_DATA0)
+                b.data = bt.keep["data"]
+                b.data_cap = bt.data_cap
+                b.data_limit = min(max(limit, 0), (1 << 64) - 1)  # < 0: b"" like read_chain
+                payloads = []
+            b.max_chains = want
+            b.flags = lib.VR_F_INDIRECT if self.indirect else 0
+            b.last_avail = self.last_avail_idx
+            status = lib.vr_pop_batch(st.ring, b)
+            if status == lib.VR_POP_AHEAD:
+                self._break(f"avail idx {b.avail_idx} is {b.pending} ahead of "
+                            f"{self.last_avail_idx}")
+            total = b.total
+            out: list[Chain] = []
+            nbad = 0
+            while True:
+                self._collect(bt, out, payloads)
+                nbad += b.nbad
+                if status == lib.VR_POP_DONE:
+                    break
+                if status == lib.VR_POP_NEED_SEGS:
+                    bt.grow_segs(max(2 * bt.seg_cap, b.need))
+                else:
+                    bt.grow_data(max(2 * bt.data_cap, b.need))
+                    b.data = bt.keep["data"]
+                    b.data_cap = bt.data_cap
+                b.flags |= lib.VR_F_CONTINUE
+                b.max_chains = total - len(out)
+                status = lib.vr_pop_batch(st.ring, b)
+            self.last_avail_idx = b.last_avail
+            if total > 0:
+                self.stats.popped += total
+                self.stats.bad_chains += nbad
+            return out, payloads
+
+    @staticmethod
+    def _collect(bt: _Batch, out: list[Chain], payloads: list[bytes | None] | None) -> None:
+        b = bt.b
+        k = b.nchains
+        if not k:
+            return
+        unpack = ffi.unpack
+        ns = b.nsegs
+        segs = list(zip(unpack(b.seg_region, ns), unpack(b.seg_off, ns),
+                        unpack(b.seg_len, ns), strict=True))
+        heads = unpack(b.heads, k)
+        errs = unpack(b.errors, k)
+        starts = unpack(b.seg_start, k)
+        nread = unpack(b.nread, k)
+        nwrite = unpack(b.nwrite, k)
+        rlen = unpack(b.read_len, k)
+        wlen = unpack(b.write_len, k)
+        errors = _ERRORS
+        append = out.append
+        for i in range(k):
+            s = starts[i]
+            m = s + nread[i]
+            append(Chain(heads[i], errors[errs[i]], segs[s:m], segs[m : m + nwrite[i]],
+                         rlen[i], wlen[i]))
+        if payloads is not None:
+            blob = ffi.buffer(b.data, b.data_used)[:]
+            offs = unpack(b.data_off, k)
+            lens = unpack(b.data_len, k)
+            for i in range(k):
+                if errs[i]:
+                    payloads.append(None)
+                else:
+                    o = offs[i]
+                    payloads.append(blob[o : o + lens[i]])
+
+    def push_batch(self, entries: list[tuple[int, int]]) -> None:
+        """Publish (head, bytes written) pairs on the used ring, then the new used idx."""
+        if not entries:
+            return
+        st = self._current()
+        if st is None:
+            return super().push_batch(entries)
+        try:
+            flat = array("I", itertools.chain.from_iterable(entries))
+        except (OverflowError, TypeError, ValueError):
+            flat = None
+        if flat is None or len(flat) != 2 * len(entries) or flat.itemsize != 4:
+            return super().push_batch(entries)  # fails (or not) exactly as Python does
+        self.used_idx = lib.vr_push_batch(st.ring, self.used_idx,
+                                          ffi.from_buffer("uint32_t[]", flat), len(entries))
+        self.stats.pushed += len(entries)
+        return None
+
+    def need_notify(self) -> bool:
+        """Whether the guest asked to be interrupted for what we pushed since last time."""
+        st = self._current()
+        if st is None:
+            return super().need_notify()
+        new, old = self.used_idx, self._signalled_used
+        self._signalled_used = new
+        return bool(lib.vr_need_notify(st.ring, new, old, 1 if self.event_idx else 0))
+
+    def disable_kicks(self) -> None:
+        """Tell the guest not to kick while we are draining the ring anyway."""
+        st = self._current()
+        if st is None:
+            return super().disable_kicks()
+        lib.vr_disable_kicks(st.ring, 1 if self.event_idx else 0)
+        return None
+
+    def enable_kicks(self) -> bool:
+        """Ask for a kick on the next buffer; True if buffers raced in meanwhile."""
+        st = self._current()
+        if st is None:
+            return super().enable_kicks()
+        return bool(lib.vr_enable_kicks(st.ring, self.last_avail_idx, 1 if self.event_idx else 0))
+
+    # -- payload copies ------------------------------------------------------------------
+
+    def read_chain(self, chain: Chain, limit: int | None = None, offset: int = 0) -> bytes:
+        """Up to ``limit`` device-readable bytes of ``chain``, starting ``offset`` bytes in."""
+        st = self._current()
+        if st is None or type(offset) is not int or offset < 0:
+            return super().read_chain(chain, limit, offset)
+        want = chain.read_len - offset if limit is None else min(limit, chain.read_len - offset)
+        segs = chain.readable
+        if want <= 0 or not segs:
+            return b""
+        t = st.table
+        try:
+            if len(segs) == 1:  # the common case: a crossing into C costs more than it saves
+                r, off, length = segs[0]
+                if offset >= length:
+                    return b""
+                take = min(length - offset, want)
+                start = off + offset
+                if 0 <= r < t.count and start >= 0 and start + take <= t.sizes[r]:
+                    return t.views[r][start : start + take].tobytes()
+            else:
+                packed = _pack(segs)
+                if packed is not None:
+                    out = _raw_alloc("uint8_t[]", want)
+                    got = lib.vr_gather(t.regions, t.count, packed, len(segs), offset, want, out)
+                    if got >= 0:
+                        return ffi.buffer(out, got)[:]
+        except (OverflowError, TypeError, ValueError):
+            pass
+        # Not a chain this memory holds (it changed since the pop, or the chain was made
+        # up): whatever the Python engine makes of it.
+        return super().read_chain(chain, limit, offset)
+
+    def write_chain(self, chain: Chain, data: bytes | bytearray | memoryview,
+                    offset: int = 0) -> int:
+        """Copy ``data`` into the writable buffers of ``chain`` from ``offset`` on.
+
+        Returns the bytes written (less than ``len(data)`` if the chain is shorter).
+        """
+        st = self._current()
+        if st is None or type(offset) is not int or offset < 0:
+            return super().write_chain(chain, data, offset)
+        src = memoryview(data)
+        if src.format != "B" or src.ndim != 1 or not src.c_contiguous:
+            return super().write_chain(chain, data, offset)
+        total = len(src)
+        segs = chain.writable
+        if total == 0 or not segs:
+            return 0
+        t = st.table
+        try:
+            if len(segs) == 1:
+                r, off, length = segs[0]
+                if offset >= length:
+                    return 0
+                take = min(length - offset, total)
+                start = off + offset
+                if 0 <= r < t.count and start >= 0 and start + take <= t.sizes[r]:
+                    t.views[r][start : start + take] = src[:take]
+                    return take
+            else:
+                packed = _pack(segs)
+                if packed is not None:
+                    got = lib.vr_scatter(t.regions, t.count, packed, len(segs), offset,
+                                         ffi.from_buffer("uint8_t[]", src), total)
+                    if got >= 0:  # checked before any byte was written
+                        return int(got)
+        except (OverflowError, TypeError, ValueError):
+            pass
+        return super().write_chain(chain, data, offset)

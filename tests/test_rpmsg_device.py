@@ -285,3 +285,29 @@ def test_two_guests_two_devices_independent(serve) -> None:  # type: ignore[no-u
             g.open(2000)
             g.send(2000, 1024, b"mine")
             assert g.recv(2000) == (1024, b"mine")
+
+
+def test_unix_bridge_lets_a_host_process_answer(serve, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    from vhost_rpmsg.endpoints.unix import UnixBridge
+
+    path = str(tmp_path / "ep.sock")
+    bridge = UnixBridge(1024, "rpmsg-raw", path=path)
+    r = serve([bridge])
+    with r.guest() as g:
+        g.wait_channel("rpmsg-raw")
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        client.settimeout(5)
+        client.connect(path)
+        _wait(lambda: len(bridge.clients) == 1)
+        g.open(2000)
+        for i in range(20):  # guest -> host process -> guest, datagram boundaries kept
+            g.send(2000, 1024, b"q%d" % i)
+            assert client.recv(1000) == b"q%d" % i
+            client.send(b"answer %d" % i)
+            assert g.recv(2000) == (1024, b"answer %d" % i)
+        client.send(b"x" * 497)  # too large for the guest: refused, counted
+        _wait(lambda: bridge.stats["too_large"] == 1)
+        client.close()
+        _wait(lambda: not bridge.clients)

@@ -10,10 +10,11 @@ from importlib.metadata import entry_points
 from ..rpmsg.codec import NS_ADDR, RESERVED_ADDRESSES
 from .base import Endpoint
 from .builtin import Echo, RawEcho, Sink, Source
+from .unix import UnixBridge
 
 GROUP = "vhost_rpmsg.endpoints"
 _BUILTIN: dict[str, type[Endpoint]] = {
-    "echo": Echo, "sink": Sink, "source": Source, "rpmsg-raw": RawEcho,
+    "echo": Echo, "sink": Sink, "source": Source, "rpmsg-raw": RawEcho, "unix": UnixBridge,
 }
 _SPEC = re.compile(
     r"^(?:(?P<name>[^:@,]*):)?(?P<plugin>[A-Za-z0-9_.-]+)(?:@(?P<addr>\d+|0x[0-9a-fA-F]+))?"

@@ -32,8 +32,9 @@ _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _SEND_TIMEOUT = 5.0
 
 
-def listen_unix(path: str | os.PathLike[str], mode: int = 0o600) -> socket.socket:
-    """Bind a listening unix stream socket at ``path`` with permissions ``mode``.
+def listen_unix(path: str | os.PathLike[str], mode: int = 0o600,
+                kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """Bind a listening unix socket (stream by default) at ``path`` with ``mode``.
 
     A stale socket file is replaced; any other existing file is an error.
     """
@@ -42,14 +43,14 @@ def listen_unix(path: str | os.PathLike[str], mode: int = 0o600) -> socket.socke
         if not stat.S_ISSOCK(p.lstat().st_mode):
             raise FileExistsError(f"{p} exists and is not a socket")
         p.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     old = os.umask(0o777 & ~mode)
     try:
         sock.bind(str(p))
     finally:
         os.umask(old)
     os.chmod(p, mode)
-    sock.listen(1)
+    sock.listen(16)
     return sock
 
 

@@ -1,10 +1,21 @@
 """Micro-benchmark of the ring engines on the rpmsg to_host hot path.
 
 A simulated guest (DriverRing) posts batches of one-descriptor chains, each an rpmsg
-message (16-byte header + payload); the device side is timed: pop_batch(64), read_chain
-of each chain, push_batch of all.  The guest's own work (adding, reaping) is not timed.
+message (16-byte header + payload); the device side is timed, in one of three modes:
 
-    PYTHONPATH=. python cext/bench_engines.py [--batches 3000] [--payload 16]
+* ``read_chain``: pop_batch(64), read_chain of each chain, push_batch of all, notify;
+* ``pop_read_batch``: the chains and their payloads in one call (cffi only), then
+  push_batch, notify;
+* ``raw``: pop_raw_batch(64) (arrays, no object per chain), push_used of the returnable
+  heads, need_notify.
+
+The guest's own work (adding, reaping) is not timed.  It runs in this process, though,
+and its allocations make the cyclic GC collect, often inside the timed section;
+``--isolate-gc`` runs a generation-0 collection after the guest's work, so each path pays
+only for the collections its own allocations cause.
+
+    PYTHONPATH=. python cext/bench_engines.py [--batches 3000] [--payload 16] [--mode raw]
+        [--isolate-gc]
 
 (PYTHONPATH=. makes the work tree win over any other installed copy.)
 """
@@ -12,6 +23,7 @@ of each chain, push_batch of all.  The guest's own work (adding, reaping) is not
 from __future__ import annotations
 
 import argparse
+import gc
 import mmap
 import os
 import statistics
@@ -32,6 +44,7 @@ MEM = 1 << 20
 BATCH = 64
 QSIZE = 256
 BUFS = 0x10000
+MODES = ("read_chain", "pop_read_batch", "raw")
 
 
 def _setup(engine: str) -> tuple[SplitQueue, DriverRing, GuestMemory, np.ndarray]:
@@ -59,7 +72,7 @@ def _post(drv: DriverRing, guest: np.ndarray, msg_len: int) -> None:
     drv.publish()
 
 
-def run(engine: str, batches: int, payload: int, mode: str) -> float:
+def run(engine: str, batches: int, payload: int, mode: str, isolate_gc: bool = False) -> float:
     """Chains per second of the device side."""
     q, drv, gm, guest = _setup(engine)
     msg_len = 16 + payload
@@ -68,7 +81,17 @@ def run(engine: str, batches: int, payload: int, mode: str) -> float:
         guest[BUFS + 256 * k : BUFS + 256 * k + msg_len] = np.frombuffer(
             hdr + bytes([k]) * payload, np.uint8)
     device: Callable[[], int]
-    if mode == "read_chain":
+    if mode == "raw":
+        pop_raw = q.pop_raw_batch
+        push_used = q.push_used
+        need_notify = q.need_notify
+
+        def device() -> int:
+            rb = pop_raw(BATCH, 16 + 0xFFFF)
+            push_used(rb.returnable_heads(), 0)
+            need_notify()
+            return rb.count
+    elif mode == "read_chain":
         def device() -> int:
             chains: list[Chain] = q.pop_batch(BATCH)
             data = [q.read_chain(c, 16 + 0xFFFF) for c in chains]
@@ -88,6 +111,8 @@ def run(engine: str, batches: int, payload: int, mode: str) -> float:
     done = 0
     for _ in range(batches):
         _post(drv, guest, msg_len)
+        if isolate_gc:
+            gc.collect(0)
         t0 = time.perf_counter()
         done += device()
         spent += time.perf_counter() - t0
@@ -103,17 +128,25 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=3000)
     ap.add_argument("--payload", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--mode", choices=["all", *MODES], default="all",
+                    help="which device-side path to time (default: every one)")
+    ap.add_argument("--isolate-gc", action="store_true",
+                    help="collect generation 0 after the (untimed) guest work")
     args = ap.parse_args()
-    cases = [("python", "read_chain")]
+    cases = [("python", "read_chain"), ("python", "raw")]
     if "cffi" in available_engines():
-        cases += [("cffi", "read_chain"), ("cffi", "pop_read_batch")]
+        cases += [("cffi", "read_chain"), ("cffi", "pop_read_batch"), ("cffi", "raw")]
+    if args.mode != "all":
+        cases = [c for c in cases if c[1] == args.mode]
     print(f"{BATCH}-chain batches of {16 + args.payload}-byte rpmsg messages "
           f"(16-byte header + {args.payload}), {args.batches} batches, best/median of "
-          f"{args.repeat}")
+          f"{args.repeat}{', GC isolated' if args.isolate_gc else ''}")
     for engine, mode in cases:
-        rates = [run(engine, args.batches, args.payload, mode) for _ in range(args.repeat)]
-        print(f"  {engine:6} {mode:15} best {max(rates):>10,.0f} chains/s   "
-              f"median {statistics.median(rates):>10,.0f} chains/s")
+        rates = [run(engine, args.batches, args.payload, mode, args.isolate_gc)
+                 for _ in range(args.repeat)]
+        best = max(rates)
+        print(f"  {engine:6} {mode:15} best {best:>11,.0f} chains/s "
+              f"({1e6 / best:6.3f} us/chain)   median {statistics.median(rates):>11,.0f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ CDEF = """
 #define VR_POP_NEED_DATA ...
 #define VR_POP_AHEAD ...
 #define VR_COPY_BAD_SEGMENT ...
+#define VR_RAW_CHAIN_BYTES ...
 
 typedef struct vr_region {
     uint8_t *base;
@@ -79,9 +80,41 @@ typedef struct vr_batch {
     uint8_t *data;
 } vr_batch;
 
+typedef struct vr_raw {
+    uint32_t seg_cap;
+    uint64_t data_cap;
+    uint32_t max_chains;
+    uint32_t flags;
+    uint64_t data_limit;
+    uint16_t last_avail;
+    uint32_t nchains;
+    uint32_t nbad;
+    uint32_t nwritable;
+    uint32_t nhead_bad;
+    uint64_t data_used;
+    uint16_t avail_idx;
+    uint32_t pending;
+    uint32_t total;
+    uint64_t need;
+    int64_t *offsets;
+    int64_t *lengths;
+    uint32_t *heads;
+    uint8_t *errors;
+    uint8_t *has_writable;
+    uint32_t *seg_region;
+    uint64_t *seg_off;
+    uint32_t *seg_len;
+    uint8_t *seg_writable;
+    uint8_t *data;
+} vr_raw;
+
 int vr_pop_batch(const vr_ring *ring, vr_batch *b);
+int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
+               uint16_t last_avail, uint32_t flags, uint64_t data_limit);
 uint16_t vr_push_batch(const vr_ring *ring, uint16_t used_idx, const uint32_t *entries,
                        uint32_t n);
+uint16_t vr_push_used(const vr_ring *ring, uint16_t used_idx, const uint32_t *heads,
+                      uint32_t n, uint32_t len);
 void vr_full_fence(void);
 int vr_need_notify(const vr_ring *ring, uint16_t new_idx, uint16_t old_idx, int event_idx);
 void vr_disable_kicks(const vr_ring *ring, int event_idx);

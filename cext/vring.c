@@ -137,19 +137,28 @@ typedef struct {
     uint64_t read_len, write_len;
 } walk_result;
 
-static inline void record(vr_batch *b, uint64_t slot, uint32_t region, uint64_t off,
+/* Where a walk records segments: the segment arrays of a vr_batch or a vr_raw. */
+typedef struct {
+    uint64_t cap;
+    uint32_t *region;
+    uint64_t *off;
+    uint32_t *len;
+    uint8_t *writable;
+} seg_sink;
+
+static inline void record(const seg_sink *b, uint64_t slot, uint32_t region, uint64_t off,
                           uint32_t len, uint8_t writable)
 {
-    if (slot < b->seg_cap) {
-        b->seg_region[slot] = region;
-        b->seg_off[slot] = off;
-        b->seg_len[slot] = len;
-        b->seg_writable[slot] = writable;
+    if (slot < b->cap) {
+        b->region[slot] = region;
+        b->off[slot] = off;
+        b->len[slot] = len;
+        b->writable[slot] = writable;
     }
 }
 
 /* SplitQueue._walk, check for check.  Segments go to b from index s0 on. */
-static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, vr_batch *b,
+static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, const seg_sink *b,
                     uint64_t s0, walk_result *w)
 {
     const vr_region *regions = ring->regions;
@@ -183,7 +192,8 @@ static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, vr_batc
                 return VR_CHAIN_INDIRECT_NESTED;
             if (flags & F_NEXT)
                 return VR_CHAIN_INDIRECT_WITH_NEXT;
-            if (len == 0 || len % DESC_SIZE)
+            /* Empty, ragged, or more descriptors than the queue holds. */
+            if (len == 0 || len % DESC_SIZE || len / DESC_SIZE > ring->size)
                 return VR_CHAIN_INDIRECT_BAD_LEN;
             if (!find_gpa(regions, nregions, addr, len, &r, &off))
                 return VR_CHAIN_ADDR_OUT_OF_BOUNDS;
@@ -220,13 +230,13 @@ static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, vr_batc
 }
 
 /* Copy the first `want` readable bytes of a chain just walked (its segments are valid). */
-static void copy_readable(const vr_ring *ring, const vr_batch *b, uint64_t s0, uint32_t nread,
+static void copy_readable(const vr_ring *ring, const seg_sink *b, uint64_t s0, uint32_t nread,
                           uint64_t want, uint8_t *out)
 {
     for (uint32_t k = 0; k < nread && want; k++) {
         uint64_t j = s0 + k;
-        uint64_t take = b->seg_len[j] < want ? b->seg_len[j] : want;
-        memcpy(out, ring->regions[b->seg_region[j]].base + b->seg_off[j], (size_t)take);
+        uint64_t take = b->len[j] < want ? b->len[j] : want;
+        memcpy(out, ring->regions[b->region[j]].base + b->off[j], (size_t)take);
         out += take;
         want -= take;
     }
@@ -236,6 +246,7 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
 {
     const uint32_t mask = ring->size - 1;
     const int indirect_ok = (b->flags & VR_F_INDIRECT) != 0;
+    const seg_sink sink = {b->seg_cap, b->seg_region, b->seg_off, b->seg_len, b->seg_writable};
     uint32_t n;
     uint16_t last = b->last_avail;
 
@@ -260,7 +271,7 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
         walk_result w;
         const uint32_t head = ld16(ring->avail + 4 + 2 * (last & mask));
         const uint64_t s0 = b->nsegs;
-        const uint8_t err = walk(ring, indirect_ok, head, b, s0, &w);
+        const uint8_t err = walk(ring, indirect_ok, head, &sink, s0, &w);
 
         if (w.nseg > (uint64_t)b->seg_cap - s0) {
             b->need = w.nseg;
@@ -272,7 +283,7 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
                 b->need = want;
                 return VR_POP_NEED_DATA;
             }
-            copy_readable(ring, b, s0, w.nread, want, b->data + b->data_used);
+            copy_readable(ring, &sink, s0, w.nread, want, b->data + b->data_used);
             b->data_off[i] = b->data_used;
             b->data_len[i] = want;
             b->data_used += want;
@@ -297,6 +308,80 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
     return VR_POP_DONE;
 }
 
+int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
+               uint16_t last_avail, uint32_t flags, uint64_t data_limit)
+{
+    const uint32_t mask = ring->size - 1;
+    const seg_sink sink = {r->seg_cap, r->seg_region, r->seg_off, r->seg_len, r->seg_writable};
+    int indirect_ok;
+    uint16_t last;
+    uint64_t used;
+
+    r->need = 0;
+    if (!(flags & VR_F_CONTINUE)) {
+        r->max_chains = cap;
+        r->flags = flags;
+        r->data_limit = data_limit;
+        r->last_avail = last_avail;
+        r->offsets = (int64_t *)block;
+        r->lengths = r->offsets + cap;
+        r->heads = (uint32_t *)(void *)(r->lengths + cap);
+        r->errors = (uint8_t *)(r->heads + cap);
+        r->has_writable = r->errors + cap;
+        r->nchains = r->nbad = r->nwritable = r->nhead_bad = 0;
+        r->data_used = 0;
+        r->total = 0;
+
+        const uint16_t avail_idx = ld16_acquire(ring->avail + 2);
+        const uint32_t pending = (uint16_t)(avail_idx - last_avail);
+        r->avail_idx = avail_idx;
+        r->pending = pending;
+        if (pending > ring->size)
+            return VR_POP_AHEAD;
+        r->total = pending < cap ? pending : cap;
+    }
+    indirect_ok = (r->flags & VR_F_INDIRECT) != 0;
+    last = r->last_avail;
+    used = r->data_used;
+    for (uint32_t i = r->nchains; i < r->total; i++) {
+        walk_result w;
+        const uint32_t head = ld16(ring->avail + 4 + 2 * (last & mask));
+        const uint8_t err = walk(ring, indirect_ok, head, &sink, 0, &w);
+        uint64_t want = 0;
+        uint8_t writable = 0;
+
+        if (err == VR_CHAIN_OK) {
+            /* Only the readable segments are copied; they are recorded first. */
+            if (w.nread > r->seg_cap) {
+                r->need = w.nread;
+                return VR_POP_NEED_SEGS;
+            }
+            want = w.read_len < r->data_limit ? w.read_len : r->data_limit;
+            if (want > r->data_cap - used) {
+                r->need = used + want;
+                return VR_POP_NEED_DATA;
+            }
+            copy_readable(ring, &sink, 0, w.nread, want, r->data + used);
+            writable = w.nwrite != 0;
+            r->nwritable += writable;
+        } else {
+            r->nbad++;
+            r->nhead_bad += err == VR_CHAIN_HEAD_OUT_OF_RANGE;
+        }
+        r->heads[i] = head;
+        r->errors[i] = err;
+        r->has_writable[i] = writable;
+        r->offsets[i] = (int64_t)used;
+        r->lengths[i] = (int64_t)want;
+        used += want;
+        r->data_used = used;
+        r->nchains = i + 1;
+        last = (uint16_t)(last + 1);
+        r->last_avail = last;
+    }
+    return VR_POP_DONE;
+}
+
 /* -- used ring and notifications ------------------------------------------------------- */
 
 uint16_t vr_push_batch(const vr_ring *ring, uint16_t used_idx, const uint32_t *entries,
@@ -312,6 +397,22 @@ uint16_t vr_push_batch(const vr_ring *ring, uint16_t used_idx, const uint32_t *e
         idx = (uint16_t)(idx + 1);
     }
     /* The publication point: the elements above are visible before the new idx. */
+    st16_release(ring->used + 2, idx);
+    return idx;
+}
+
+uint16_t vr_push_used(const vr_ring *ring, uint16_t used_idx, const uint32_t *heads,
+                      uint32_t n, uint32_t len)
+{
+    const uint32_t mask = ring->size - 1;
+    uint16_t idx = used_idx;
+
+    for (uint32_t k = 0; k < n; k++) {
+        uint8_t *elem = ring->used + 4 + 8 * (uint32_t)(idx & mask);
+        st32(elem, heads[k]);
+        st32(elem + 4, len);
+        idx = (uint16_t)(idx + 1);
+    }
     st16_release(ring->used + 2, idx);
     return idx;
 }

@@ -116,11 +116,80 @@ typedef struct vr_batch {
 int vr_pop_batch(const vr_ring *ring, vr_batch *b);
 
 /*
+ * One raw pop (SplitQueue.pop_raw_batch): per-chain results go straight into one
+ * caller block, nothing per segment comes back.
+ *
+ * The block holds cap chains as five arrays, in this order (8-byte aligned):
+ *   int64_t offsets[cap]; int64_t lengths[cap]; uint32_t heads[cap];
+ *   uint8_t errors[cap]; uint8_t has_writable[cap];
+ * VR_RAW_CHAIN_BYTES * cap bytes in all.  Chain i (i < total) gets heads[i], errors[i],
+ * has_writable[i] (1 when errors[i] is VR_CHAIN_OK and the chain has a non-empty
+ * device-writable buffer), and, for a chain without error, its first min(data_limit,
+ * read_len) readable bytes copied to data + offsets[i], lengths[i] bytes long (a chain
+ * with an error: lengths[i] = 0, offsets[i] = the bytes copied before it).  The chains'
+ * bytes are consecutive in data.
+ *
+ * The segments of one chain at a time are recorded in the scratch segment arrays; only
+ * the readable ones of a chain without error must fit (NEED_SEGS otherwise).
+ */
+#define VR_RAW_CHAIN_BYTES 22
+
+typedef struct vr_raw {
+    /* in (set up by the caller once; grown on NEED_*) */
+    uint32_t seg_cap;    /* capacity of the scratch segment arrays */
+    uint64_t data_cap;   /* capacity of data */
+    /* kept across VR_F_CONTINUE calls (set from the arguments when a batch starts) */
+    uint32_t max_chains; /* cap: the most to pop */
+    uint32_t flags;
+    uint64_t data_limit;
+    uint16_t last_avail; /* in/out: advanced past every chain taken */
+    uint32_t nchains;    /* chains done in this batch (arrays filled up to here) */
+    uint32_t nbad;       /* chains with an error among them */
+    uint32_t nwritable;  /* chains with has_writable set */
+    uint32_t nhead_bad;  /* chains with VR_CHAIN_HEAD_OUT_OF_RANGE (cannot be returned) */
+    uint64_t data_used;  /* bytes of data filled */
+    /* out */
+    uint16_t avail_idx;  /* the avail idx read (not with VR_F_CONTINUE) */
+    uint32_t pending;    /* (avail_idx - last_avail) mod 2^16 as read */
+    uint32_t total;      /* chains in this batch: min(pending, max_chains) */
+    uint64_t need;       /* NEED_SEGS: readable segments of the chain; NEED_DATA: data
+                            bytes needed in all */
+    /* the per-chain arrays, in the block */
+    int64_t *offsets;
+    int64_t *lengths;
+    uint32_t *heads;
+    uint8_t *errors;
+    uint8_t *has_writable;
+    /* scratch segment arrays, seg_cap entries each */
+    uint32_t *seg_region;
+    uint64_t *seg_off;
+    uint32_t *seg_len;
+    uint8_t *seg_writable;
+    uint8_t *data;
+} vr_raw;
+
+/*
+ * Take available chains like vr_pop_batch (same avail idx check, same walk), filling the
+ * per-chain arrays in block.  Unless flags has VR_F_CONTINUE, starts a batch of at most
+ * cap chains from last_avail: the counters and data_used are reset and the avail idx is
+ * read.  On VR_POP_NEED_SEGS / VR_POP_NEED_DATA the chain nchains was not taken
+ * (r->last_avail is past the ones that were); the caller grows the scratch segments or
+ * data (keeping its first data_used bytes) and calls again with VR_F_CONTINUE (the other
+ * arguments are then ignored), which goes on up to total.
+ */
+int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
+               uint16_t last_avail, uint32_t flags, uint64_t data_limit);
+
+/*
  * Publish n used elements (entries[2k] = id, entries[2k+1] = len) from used_idx on, then
  * store the new used idx with release ordering.  Returns the new used idx.
  */
 uint16_t vr_push_batch(const vr_ring *ring, uint16_t used_idx, const uint32_t *entries,
                        uint32_t n);
+
+/* vr_push_batch with entries (heads[k], len) for k < n. */
+uint16_t vr_push_used(const vr_ring *ring, uint16_t used_idx, const uint32_t *heads,
+                      uint32_t n, uint32_t len);
 
 /* A full memory barrier (what virtqueue.full_fence() approximates with a lock). */
 void vr_full_fence(void);

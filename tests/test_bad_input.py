@@ -193,8 +193,8 @@ def test_hostile_tx_chains(echo_server: Running, chain: str) -> None:
     # the buffer comes back to the guest and is counted as bad
     _wait(lambda: echo_server.device.stats["bad_chains"]
           + echo_server.device.stats["bad_messages"] > before)
-    _wait(lambda: g.reclaim() == g.nbufs // 2 - 0 or not g.tx_inflight)
-    assert not g.tx_inflight
+    # the hostile chain (scratch memory, not a tx buffer) must come back too
+    _wait(lambda: g.reclaim() >= 0 and not g.tx_inflight)
     # nothing outside the regions was written (and the server is still serving this guest)
     assert (canary == 0xA5).all()
     g.open(3001)

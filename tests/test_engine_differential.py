@@ -4,11 +4,12 @@ Each scenario builds two guest memories with identical layout and bytes (memfds 
 GuestMemory, as the back-end maps them), one queue per engine over each, and drives both
 with the same random operations: pops (with every malformed-chain case: loops, next and
 head out of range, buffers outside memory or straddling two regions or wrapping 2^64,
-indirect tables nested / badly sized / with NEXT / not negotiated, readable after
-writable, zero-length descriptors), payload reads and writes at offsets, used-ring
-pushes, notification decisions with and without event idx, kick toggles, guest memory
-changes under outstanding chains, unmaps.  After every operation both must agree on the
-result or exception, the queue state and stats, and every byte of guest memory.
+indirect tables nested / badly sized / larger than the queue / with NEXT / not
+negotiated, readable after writable, zero-length descriptors), raw (array) pops, payload
+reads and writes at offsets (negative ones too), used-ring pushes as lists, arrays and
+push_used, notification decisions with and without event idx, kick toggles, guest memory
+changes under outstanding chains (stale chains), unmaps.  After every operation both must
+agree on the result or exception, the queue state and stats, and every byte of guest memory.
 
 Skipped, with the reason, only when the extension is not built; CI sets
 VHOST_RPMSG_REQUIRE_CFFI=1 so that a missing build fails instead.
@@ -20,6 +21,7 @@ import logging
 import os
 import random
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +41,9 @@ from vhost_rpmsg.virtqueue import (
     Chain,
     ChainError,
     QueueBroken,
+    RawBatch,
     SplitQueue,
+    StaleChain,
 )
 
 try:
@@ -344,7 +348,10 @@ class Pair:
         ]
         if tiny:  # make every batch outgrow its arrays: the NEED_SEGS / NEED_DATA paths
             self.queues[1]._batch = engine_cffi._Batch(chains=1, segs=1, data=1)
+            self.queues[1]._raw = engine_cffi._Raw(segs=1, data=1)
         self.chains: list[Chain] = []
+        self.raw_heads: list[int] = []  # returnable heads taken by raw pops
+        self.raised: Counter[type[BaseException]] = Counter()  # exceptions both engines gave
         self.errors_seen: set[ChainError] = set()
         self.broke = False
 
@@ -368,6 +375,8 @@ class Pair:
         py, cf = (outcome(lambda q=q: fn(q)) for q in self.queues)
         assert py == cf, f"{what}: python {py!r} != cffi {cf!r}"
         self.check_state(what)
+        if py[0] == "raise":
+            self.raised[py[1]] += 1
         return py
 
     def check_state(self, what: str) -> None:
@@ -383,6 +392,10 @@ class Pair:
                                      f"offsets {diff[:8].tolist()}")
 
     def note(self, res: tuple[Any, ...]) -> None:
+        if res[0] == "ok" and isinstance(res[1], RawBatch):
+            self.raw_heads.extend(res[1].returnable_heads().tolist())
+            self.errors_seen.update(ChainError(e) for e in res[1].errors.tolist())
+            return
         if res[0] == "ok" and isinstance(res[1], list):
             chains = res[1]
         elif res[0] == "ok" and isinstance(res[1], tuple):
@@ -397,9 +410,9 @@ class Pair:
     def step(self) -> None:
         rng = self.rng
         op = rng.choices(
-            ["pop", "popread", "read", "write", "push", "notify", "kicks", "publish",
-             "features", "memory", "rebase"],
-            weights=[20, 8, 14, 10, 10, 8, 5, 12, 3, 1, 2],
+            ["pop", "popread", "popraw", "read", "write", "push", "notify", "kicks",
+             "publish", "features", "memory", "rebase"],
+            weights=[20, 8, 8, 14, 10, 12, 8, 5, 12, 3, 1, 2],
         )[0]
         if op == "pop":
             n = rng.choice([1, 2, 3, 8, 64, self.size, self.size + 3, 0, -1, 1 << 40])
@@ -409,6 +422,11 @@ class Pair:
             limit = rng.choice([0, 1, 16, 100, 64 * KB + 15, 1 << 70, -1])
             self.note(self.both(f"pop_read_batch({n}, {limit})",
                                 lambda q: engines.pop_read_batch(q, n, limit)))
+        elif op == "popraw":
+            n = rng.choice([1, 4, 64, self.size, self.size + 3, 0, -1, 1 << 40])
+            limit = rng.choice([0, 1, 16, 100, 64 * KB + 15, 1 << 70, -1])
+            self.note(self.both(f"pop_raw_batch({n}, {limit})",
+                                lambda q: q.pop_raw_batch(n, limit)))
         elif op in ("read", "write") and self.chains:
             useful = [c for c in self.chains if (c.readable if op == "read" else c.writable)]
             c = rng.choice(useful if useful and rng.random() < 0.8 else self.chains)
@@ -424,13 +442,36 @@ class Pair:
                 self.both(f"write_chain({c}, {len(data)}, {offset})",
                           lambda q: q.write_chain(c, kind(data), offset))
         elif op == "push":
-            k = rng.randrange(0, 6)
-            entries = [(rng.choice(self.chains).head if self.chains and rng.random() < 0.9
+            k = rng.randrange(0, 6) if rng.random() < 0.9 else rng.randrange(self.size + 9)
+            known = [c.head for c in self.chains] + self.raw_heads
+            entries = [(rng.choice(known) if known and rng.random() < 0.9
                         else rng.randrange(self.size + 1), rng.getrandbits(32))
                        for _ in range(k)]
             if rng.random() < 0.05:
                 entries.append((rng.choice([-1, 1 << 32]), 0))  # garbage from a buggy caller
-            self.both(f"push_batch({entries})", lambda q: q.push_batch(entries))
+            form = rng.choice(["list", "list", "array", "used"])
+            if form == "list":
+                self.both(f"push_batch({entries})", lambda q: q.push_batch(entries))
+            elif form == "array":
+                arr = np.array(entries, np.int64).reshape(-1, 2)
+                if rng.random() < 0.7 and all(0 <= h < 1 << 32 for h, _ in entries):
+                    arr = arr.astype(np.uint32)
+                if rng.random() < 0.2:  # not C-contiguous: converted first
+                    arr = np.asfortranarray(arr)
+                if rng.random() < 0.03:
+                    arr = arr.reshape(-1)  # wrong shape
+                self.both(f"push_batch(array {arr.tolist()})", lambda q: q.push_batch(arr))
+            else:
+                heads = np.array([h for h, _ in entries], np.int64)
+                if rng.random() < 0.7 and all(0 <= h < 1 << 32 for h in heads.tolist()):
+                    heads = heads.astype(np.uint32)
+                if rng.random() < 0.1:
+                    heads = heads[::-1]  # a strided view
+                length = rng.choice([0, 16, rng.getrandbits(32), 0xFFFFFFFF])
+                if rng.random() < 0.05:
+                    length = rng.choice([-1, 1 << 32])
+                self.both(f"push_used({heads.tolist()}, {length})",
+                          lambda q: q.push_used(heads, length))
         elif op == "notify":
             if rng.random() < 0.5:
                 ring = self.guest.ring
@@ -498,6 +539,8 @@ def run_scenario(seed: int, layout_no: int, size_log: int, event_idx: bool, indi
         p.note(p.both("final pop", lambda q: q.pop_batch(p.size)))
         entries = [(c.head, 0) for c in p.chains if c.returnable][: p.size]
         p.both("final push", lambda q: q.push_batch(entries))
+        heads = np.array(p.raw_heads[: p.size], np.uint32)
+        p.both("final push_used", lambda q: q.push_used(heads, 0))
         p.both("final notify", lambda q: q.need_notify())
     finally:
         p.close()
@@ -531,6 +574,8 @@ def test_engines_agree_on_a_seed_sweep() -> None:
     seen: set[ChainError] = set()
     broke = 0
     chains = 0
+    raw = 0
+    raised: Counter[type[BaseException]] = Counter()
     for seed in range(600):
         rng = random.Random(seed)
         p = run_scenario(seed, seed % len(LAYOUTS), rng.randrange(0, 9), rng.random() < 0.5,
@@ -538,9 +583,14 @@ def test_engines_agree_on_a_seed_sweep() -> None:
         seen |= p.errors_seen
         broke += p.broke
         chains += len(p.chains)
+        raw += len(p.raw_heads)
+        raised += p.raised
     assert seen == set(ChainError), f"never produced: {set(ChainError) - seen}"
     assert broke > 0
     assert chains > 3000
+    assert raw > 500
+    # copies through chains from before a memory change, negative offsets, bad push input
+    assert raised[StaleChain] > 0 and raised[ValueError] > 0, raised
 
 
 # -- targeted cases -----------------------------------------------------------------------
@@ -676,21 +726,309 @@ def test_notify_decisions_identically(event_idx: bool) -> None:
 
 @needs_cffi
 def test_stale_chains_after_the_table_changes() -> None:
-    """Chains kept across a memory change: both engines give the same (Python's) answer."""
+    """Chains kept across a memory change raise StaleChain in both engines, copying nothing."""
     layout = [(0, 64 * KB), (64 * KB, 16 * KB), (0x100000, 16 * KB)]
     duo = Duo(layout=layout)
     duo.each(lambda d, m: d.add([(64 * KB + 16, 32, 0), (0x100000 + 8, 32, WRITE)]))
+    duo.each(lambda d, m: d.add([(BUF, 8, 0), (BUF + 64, 8, WRITE)]))
     duo.each(lambda d, m: d.publish())
-    (c,) = duo.both(lambda q: q.pop_batch(1))[1]
+    (c, c2) = duo.both(lambda q: q.pop_batch(2))[1]
+    assert c.generation == c2.generation == duo.mems[0].gm.generation
     for m in duo.mems:
         m.remove(1)  # the last region is now index 1, the chain's region 2 is gone
-    duo.both(lambda q: q.read_chain(c))
-    duo.both(lambda q: q.write_chain(c, b"x" * 40))
+    want = (f"chain at head {c.head} was taken under memory table generation {c.generation}; "
+            f"the memory table changed since the chain was taken (now generation "
+            f"{c.generation + 1}), so its buffers are no longer valid")
+    assert duo.both(lambda q: q.read_chain(c)) == ("raise", StaleChain, want)
+    assert duo.both(lambda q: q.write_chain(c, b"x" * 40)) == ("raise", StaleChain, want)
+    # also a chain whose region did not move: any change of the table makes it stale
+    for fn in (lambda q: q.read_chain(c2), lambda q: q.write_chain(c2, b"z" * 8),
+               lambda q: q.read_chain(c2, 4, 2)):
+        assert duo.both(fn)[:2] == ("raise", StaleChain)
+    # an added region too; remapping the rings (same table) is no change
+    for m in duo.mems:
+        m.add(0x4000_0000, 8 * KB)
+    duo.both(lambda q: q.map(q._mem))
+    duo.each(lambda d, m: d.add([(BUF, 8, 0), (BUF + 64, 8, WRITE)]))
+    duo.each(lambda d, m: d.publish())
+    (c3,) = duo.both(lambda q: q.pop_batch(1))[1]
+    duo.both(lambda q: q.map(q._mem))
+    assert duo.both(lambda q: q.read_chain(c3))[0] == "ok"
+    assert duo.both(lambda q: q.write_chain(c3, b"w" * 8)) == ("ok", 8)
+    for m in duo.mems:
+        m.add(0x8000_0000, 8 * KB)
+    assert duo.both(lambda q: q.read_chain(c3))[:2] == ("raise", StaleChain)
+    # a chain not from a pop (generation -1)
+    made = Chain(c3.head, readable=c3.readable, read_len=c3.read_len)
+    assert duo.both(lambda q: q.read_chain(made))[:2] == ("raise", StaleChain)
+    # the stale chains are still outstanding: they go back like any other
+    duo.both(lambda q: q.push_batch([(c.head, 0), (c2.head, 0), (c3.head, 0)]))
     for m in duo.mems:
         m.gm.clear()
     duo.both(lambda q: q.read_chain(c))
     duo.both(lambda q: q.write_chain(c, b"y" * 8))
     duo.both(lambda q: q.pop_batch(4))  # the rings stay mapped through the queue's views
+    duo.close()
+
+
+@needs_cffi
+def test_negative_offsets_are_value_errors() -> None:
+    duo = Duo()
+    duo.each(lambda d, m: d.add([(BUF, 8, 0), (BUF + 64, 8, WRITE)]))
+    duo.each(lambda d, m: d.add([(BUF, 4, 0), (BUF + 8, 4, 0), (BUF + 64, 4, WRITE),
+                                 (BUF + 72, 4, WRITE)]))
+    duo.each(lambda d, m: d.publish())
+    for c in duo.both(lambda q: q.pop_batch(2))[1]:
+        for off in (-1, -8, -(1 << 70)):
+            assert duo.both(lambda q, c=c, off=off: q.read_chain(c, None, off)) == (
+                "raise", ValueError, f"offset {off} is negative")
+            assert duo.both(lambda q, c=c, off=off: q.read_chain(c, 4, off))[:2] == (
+                "raise", ValueError)
+            assert duo.both(lambda q, c=c, off=off: q.write_chain(c, b"abcdef", off)) == (
+                "raise", ValueError, f"offset {off} is negative")
+        assert duo.both(lambda q, c=c: q.read_chain(c, None, 0))[0] == "ok"
+        assert duo.both(lambda q, c=c: q.write_chain(c, b"abcdef", 1))[0] == "ok"
+    duo.close()
+
+
+@needs_cffi
+@pytest.mark.parametrize("size", [1, 8, 64])
+def test_indirect_tables_are_capped_at_the_queue_size(size: int) -> None:
+    duo = Duo(size=size)
+    for entries in (1, size, size + 1, 4 * size, 1 << 24, 1 << 28):
+        def setup(d: DriverRing, m: Mem, entries: int = entries) -> None:
+            # a one-descriptor chain first; the rest of the table is never walked
+            m.write(0x4000, pack([[BUF, 4, 0, 0]]))
+            d.write_desc(0, 0x4000, (16 * entries) & 0xFFFFFFFF, INDIRECT, 0)
+            d.add_raw(0)
+            d.publish()
+
+        duo.each(setup)
+        (c,) = duo.both(lambda q: q.pop_batch(4))[1]
+        assert c.error is (ChainError.OK if entries <= size else ChainError.INDIRECT_BAD_LEN)
+        duo.each(setup)
+        rb = duo.both(lambda q: q.pop_raw_batch(4, 64))[1]
+        assert rb.errors.tolist() == [c.error]
+        duo.both(lambda q: q.push_used(np.zeros(2, np.uint32), 0))
+    duo.close()
+
+
+def _fill_raw(d: DriverRing, m: Mem) -> None:
+    """A mix for pop_raw_batch: good (direct, split, indirect), writable, bad, empty."""
+    msgs = [bytes(range(i, i + 16 + i)) for i in range(12)]
+    for i, msg in enumerate(msgs):
+        m.write(BUF + 256 * i, msg)
+    d.add([(BUF, len(msgs[0]), 0)])
+    d.add([(BUF + 256, 8, 0), (BUF + 256 + 8, len(msgs[1]) - 8, 0)])
+    d.add([(BUF + 512, 4, WRITE)])  # writable only: OK, has_writable, no bytes
+    d.add([(BUF + 768, len(msgs[3]), 0), (BUF + 0x1000, 64, WRITE)])  # both directions
+    d.add([(BUF + 1024, 8, WRITE), (BUF + 1024, 8, 0)])  # READABLE_AFTER_WRITABLE
+    d.add([(BUF + 1280, 0, 0)])  # empty
+    tbl = 0x4000
+    m.write(tbl, pack([[BUF + 1536, 5, NEXT, 1], [BUF + 1536 + 5, len(msgs[6]) - 5, 0, 0]]))
+    d.add([(tbl, 32, INDIRECT)])
+    d.add([(1 << 40, 16, 0)])  # ADDR_OUT_OF_BOUNDS
+    d.add_raw(d.layout.size + 3)  # HEAD_OUT_OF_RANGE
+    d.add([(BUF + 256 * 9, len(msgs[9]), 0)])
+    d.publish()
+
+
+@needs_cffi
+@pytest.mark.parametrize("limit", [-1, 0, 1, 8, 20, 1 << 20, 1 << 70])
+def test_pop_raw_batch_identically(limit: int) -> None:
+    duo = Duo(size=16)
+    duo.each(_fill_raw)
+    res = duo.both(lambda q: q.pop_raw_batch(64, limit))
+    assert res[0] == "ok"
+    rb: RawBatch = res[1]
+    assert rb.count == len(rb) == 10
+    for name, dtype in (("heads", np.uint32), ("errors", np.uint8), ("has_writable", np.bool_),
+                        ("lengths", np.int64), ("offsets", np.int64)):
+        arr = getattr(rb, name)
+        assert arr.dtype == dtype and arr.shape == (10,) and arr.flags.c_contiguous, name
+    assert isinstance(rb.data, bytes)
+    E = ChainError
+    assert rb.errors.tolist() == [E.OK, E.OK, E.OK, E.OK, E.READABLE_AFTER_WRITABLE, E.OK,
+                                  E.OK, E.ADDR_OUT_OF_BOUNDS, E.HEAD_OUT_OF_RANGE, E.OK]
+    assert rb.has_writable.tolist() == [False, False, True, True, False, False, False, False,
+                                        False, False]
+    assert rb.returnable_heads().tolist() == [h for h, e in zip(rb.heads.tolist(),
+                                                                  rb.errors.tolist(),
+                                                                  strict=True) if e != 1]
+    assert rb.offsets.tolist() == (np.cumsum(rb.lengths) - rb.lengths).tolist()
+    assert len(rb.data) == int(rb.lengths.sum())
+    # the same as pop_batch + read_chain on a third, identical ring
+    ref = Duo(size=16)
+    ref.each(_fill_raw)
+    q = ref.queues[0]
+    chains = q.pop_batch(64)
+    for i, c in enumerate(chains):
+        assert rb.heads[i] == c.head and rb.errors[i] == c.error
+        assert rb.payload(i) == (q.read_chain(c, limit) if c.ok else b"")
+    assert rb.data == b"".join(rb.payload(i) for i in range(rb.count))
+    assert duo.queues[1].stats == q.stats  # popped 10, bad 3
+    ref.close()
+    # nothing left; a second pop is empty in both
+    res = duo.both(lambda q: q.pop_raw_batch(64, limit))
+    assert res[1] == RawBatch.empty() and res[1].count == 0
+    duo.both(lambda q: q.push_used(rb.returnable_heads(), 0))
+    assert duo.drivers[0].get_used() == duo.drivers[1].get_used()
+    duo.close()
+
+
+@needs_cffi
+def test_pop_raw_batch_limits_and_partial_batches() -> None:
+    duo = Duo(size=8)
+    for rounds in range(6):
+        k = rounds + 1
+        duo.each(lambda d, m, k=k: [d.add([(BUF + 64 * j, 16 + j, 0)]) for j in range(k)])
+        duo.each(lambda d, m: d.publish())
+        for want in (0, -5, 2, 64):
+            rb = duo.both(lambda q, want=want: q.pop_raw_batch(want, 12))[1]
+            assert rb.count == (0 if want <= 0 else min(want, k))
+            if rb.count:
+                duo.both(lambda q, rb=rb: q.push_used(rb.heads, 0))
+                k -= rb.count
+        duo.each(lambda d, m: d.get_used())
+    duo.close()
+
+
+@needs_cffi
+def test_pop_raw_batch_queue_broken_identically() -> None:
+    duo = Duo(size=4)
+    duo.each(lambda d, m: m.write(d.layout.avail + 2, (9).to_bytes(2, "little")))
+    for n in (0, 4):
+        res = duo.both(lambda q, n=n: q.pop_raw_batch(n, 16))
+        assert res == ("raise", QueueBroken, "avail idx 9 is 9 ahead of 0")
+    duo.close()
+
+
+@needs_cffi
+def test_pop_raw_batch_grows_its_scratch() -> None:
+    """Chains with more readable segments than the scratch holds, payloads beyond it."""
+    size = 512
+    duo = Duo(size=size, layout=[(0, 64 * KB), (64 * KB, 64 * KB)])
+    big = bytes(range(256)) * 200  # 51200 bytes
+    tbl = 0x5000
+
+    def fill(d: DriverRing, m: Mem) -> None:
+        m.write(64 * KB, big)
+        # 400 one-byte readable descriptors: more than the 256 scratch segments
+        m.write(tbl, pack([[64 * KB + i, 1, NEXT if i < 399 else 0, i + 1 if i < 399 else 0]
+                           for i in range(400)]))
+        d.add([(tbl, 16 * 400, INDIRECT)])
+        for _ in range(3):  # 3 * 51200 bytes: more than the 64 KiB data buffer
+            d.add([(64 * KB, len(big), 0)])
+        d.add([(64 * KB + 7, 100, 0)])
+        d.publish()
+
+    duo.each(fill)
+    rb = duo.both(lambda q: q.pop_raw_batch(64, 1 << 20))[1]
+    assert rb.lengths.tolist() == [400, len(big), len(big), len(big), 100]
+    assert rb.payload(0) == big[:400] and rb.payload(3) == big and rb.payload(4) == big[7:107]
+    raw = duo.queues[1]._raw
+    assert raw is not None and raw.seg_cap >= 400 and raw.data_cap >= 3 * len(big) + 500
+    duo.close()
+
+
+@needs_cffi
+def test_raw_batches_own_their_arrays() -> None:
+    duo = Duo(size=8)
+    q = duo.queues[1]
+    d, m = duo.drivers[1], duo.mems[1]
+    m.write(BUF, b"A" * 32)
+    m.write(BUF + 64, b"B" * 32)
+    d.add([(BUF, 32, 0)])
+    d.publish()
+    first = q.pop_raw_batch(8, 64)
+    snapshot = (first.heads.copy(), first.lengths.copy(), first.data)
+    q.push_used(first.heads, 0)
+    d.get_used()
+    d.add([(BUF + 64, 16, 0)])
+    d.add([(BUF + 64, 16, WRITE)])
+    d.publish()
+    second = q.pop_raw_batch(8, 64)
+    assert second.count == 2 and second.data == b"B" * 16
+    assert first.data == b"A" * 32
+    assert (first.heads == snapshot[0]).all() and (first.lengths == snapshot[1]).all()
+    duo.close()
+
+
+@needs_cffi
+def test_push_forms_write_the_same_ring() -> None:
+    """push_batch(list), push_batch(array) and push_used: same ring, idx and stats."""
+    size = 8
+    heads = [3, 1, 7, 0, 5, 2, 6, 4, 1, 3, 0]  # more than the ring: it wraps over itself
+    for n in (1, 3, 8, 11):
+        rings = []
+        for cls in (SplitQueue, CffiSplitQueue):
+            for form in ("list", "array", "strided", "int64", "used"):
+                mem = Mem([(0, 64 * KB)])
+                q = make_queue(cls, mem, size, 0xFFFE, False, True)
+                hs = heads[:n]
+                if form == "list":
+                    q.push_batch([(h, 77) for h in hs])
+                elif form == "array":
+                    q.push_batch(np.array([(h, 77) for h in hs], np.uint32))
+                elif form == "strided":
+                    q.push_batch(np.array([(77, h) for h in hs], np.uint32)[:, ::-1])
+                elif form == "int64":
+                    q.push_batch(np.array([(h, 77) for h in hs], np.int64))
+                else:
+                    q.push_used(np.array(hs, np.uint32), 77)
+                rings.append((cls.engine, form, q.used_idx, q.stats.pushed,
+                              q._used16.tobytes()))
+                q.unmap()
+                mem.close()
+        first = rings[0][2:]
+        assert first[0] == (0xFFFE + n) & 0xFFFF
+        for r in rings:
+            assert r[2:] == first, r[:2]
+
+
+GOOD_HEADS = np.array([1, 2], np.uint32)
+GOOD_ENTRIES = np.array([[1, 0], [2, 0]], np.uint32)
+
+
+@needs_cffi
+@pytest.mark.parametrize(("call", "error"), [
+    (lambda q: q.push_used(np.array([1, -2]), 0), ValueError),
+    (lambda q: q.push_used(np.array([1, 1 << 32]), 0), ValueError),
+    (lambda q: q.push_used(np.array([1.0, 2.0]), 0), TypeError),
+    (lambda q: q.push_used(np.array([[1, 2]], np.uint32), 0), ValueError),
+    (lambda q: q.push_used(GOOD_HEADS, -1), ValueError),
+    (lambda q: q.push_used(GOOD_HEADS, 1 << 32), ValueError),
+    (lambda q: q.push_used(GOOD_HEADS, 1.5), TypeError),
+    (lambda q: q.push_batch(np.array([[1, 0], [-2, 0]])), ValueError),
+    (lambda q: q.push_batch(np.array([[1, 1 << 32], [2, 0]])), ValueError),
+    (lambda q: q.push_batch(np.array([[1.0, 0.0]])), TypeError),
+    (lambda q: q.push_batch(np.zeros((2, 2, 2), np.uint32)), ValueError),
+    (lambda q: q.push_batch(np.array([1, 0], np.uint32)), ValueError),
+    (lambda q: q.push_batch(np.zeros((2, 3), np.uint32)), ValueError),
+    (lambda q: q.pop_raw_batch(1.5, 0), TypeError),
+    (lambda q: q.pop_raw_batch(1, None), TypeError),
+])
+def test_bad_array_input_fails_identically_before_any_write(
+        call: Callable[[SplitQueue], Any], error: type[Exception]) -> None:
+    duo = Duo(size=8)
+    duo.each(lambda d, m: d.add([(BUF, 8, 0)]))
+    duo.each(lambda d, m: d.publish())
+    assert duo.both(call)[:2] == ("raise", error)
+    assert all(q.used_idx == 0 and q.last_avail_idx == 0 for q in duo.queues)
+    assert duo.both(lambda q: q.push_used(GOOD_HEADS, 0xFFFFFFFF)) == ("ok", None)
+    assert duo.both(lambda q: q.push_batch(GOOD_ENTRIES)) == ("ok", None)
+    duo.close()
+
+
+@needs_cffi
+def test_push_used_on_an_unmapped_queue_fails_identically() -> None:
+    duo = Duo()
+    duo.both(lambda q: q.unmap())
+    heads = np.array([0], np.uint32)
+    assert duo.both(lambda q: q.push_used(heads, 0))[:2] == ("raise", RuntimeError)
+    assert duo.both(lambda q: q.push_used(heads[:0], 0)) == ("ok", None)
+    assert duo.both(lambda q: q.push_batch(np.zeros((1, 2), np.uint32)))[0] == "raise"
+    assert duo.both(lambda q: q.pop_raw_batch(4, 4))[0] == "raise"
     duo.close()
 
 

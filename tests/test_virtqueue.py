@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from vhost_rpmsg.engines import available_engines, queue_factory
 from vhost_rpmsg.guest.ring import need_event
+from vhost_rpmsg.vhost_user.codec import MemoryRegion
 from vhost_rpmsg.virtqueue import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
@@ -12,9 +15,12 @@ from vhost_rpmsg.virtqueue import (
     VRING_DESC_F_WRITE,
     ChainError,
     QueueBroken,
+    RawBatch,
+    SplitQueue,
+    StaleChain,
 )
 
-from .helpers import Memfd, make_queue
+from .helpers import UVA, Memfd, make_queue
 
 MEM = 1 << 16
 BUF = 0x8000  # where test buffers live
@@ -89,7 +95,7 @@ def _tbl(memfd: Memfd, at: int, entries: list[tuple[int, int, int, int]]) -> Non
     "head_out_of_range", "next_out_of_range", "loop", "out_of_bounds", "straddles_end",
     "indirect_nested", "indirect_bad_len", "indirect_zero_len", "indirect_with_next",
     "indirect_not_negotiated", "readable_after_writable", "indirect_table_outside",
-    "indirect_loop", "chain_longer_than_ring",
+    "indirect_loop", "chain_longer_than_ring", "indirect_larger_than_ring",
 ])
 def test_malformed_chains_are_reported_not_followed(memfd: Memfd, case: str) -> None:
     q, drv, gm = make_queue(memfd, size=8, indirect=case != "indirect_not_negotiated")
@@ -110,6 +116,7 @@ def test_malformed_chains_are_reported_not_followed(memfd: Memfd, case: str) -> 
         "indirect_table_outside": ChainError.ADDR_OUT_OF_BOUNDS,
         "indirect_loop": ChainError.LOOP,
         "chain_longer_than_ring": ChainError.LOOP,
+        "indirect_larger_than_ring": ChainError.INDIRECT_BAD_LEN,
     }[case]
     if case == "head_out_of_range":
         drv.add_raw(8)
@@ -151,6 +158,9 @@ def test_malformed_chains_are_reported_not_followed(memfd: Memfd, case: str) -> 
     elif case == "indirect_loop":
         _tbl(memfd, T, [(BUF, 4, N, 1), (BUF, 4, N, 0)])
         drv.add([(T, 32, IND)])
+    elif case == "indirect_larger_than_ring":  # 9 entries in an 8-entry queue
+        _tbl(memfd, T, [(BUF, 4, 0, 0)] * 9)
+        drv.add([(T, 16 * 9, IND)])
     drv.publish()
     (c,) = q.pop_batch(4)
     assert c.error is expect
@@ -249,3 +259,114 @@ def test_need_event_matches_the_spec_formula() -> None:
     assert not need_event(1, 1, 0)
     assert need_event(0xFFFF, 0, 0xFFFF)  # wrap-around
     assert need_event(5, 10, 2)
+
+
+def test_indirect_table_of_exactly_the_queue_size_is_fine(memfd: Memfd) -> None:
+    q, drv, gm = make_queue(memfd, size=8)
+    T = BUF + 0x2000
+    _tbl(memfd, T, [(BUF + 8 * i, 8, VRING_DESC_F_NEXT if i < 7 else 0, i + 1 if i < 7 else 0)
+                    for i in range(8)])
+    drv.add([(T, 16 * 8, VRING_DESC_F_INDIRECT)])
+    drv.publish()
+    (c,) = q.pop_batch(1)
+    assert c.ok and c.read_len == 64
+    gm.clear()
+
+
+ENGINES = available_engines()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> type[SplitQueue]:
+    return queue_factory(request.param)
+
+
+def test_chains_from_an_older_memory_table_are_stale(memfd: Memfd,
+                                                     engine: type[SplitQueue]) -> None:
+    q, drv, gm = make_queue(memfd, cls=engine)
+    memfd.mem[BUF : BUF + 4] = list(b"abcd")
+    drv.add([(BUF, 4, 0), (BUF + 64, 8, VRING_DESC_F_WRITE)])
+    drv.publish()
+    (c,) = q.pop_batch(1)
+    assert c.generation == gm.generation
+    assert q.read_chain(c) == b"abcd"
+    # the front-end replaces the table (same memory, even): the chain's segments are void
+    gm.set_table([MemoryRegion(0, MEM, UVA, 0)], [memfd.fd])
+    q.map(gm)
+    with pytest.raises(StaleChain, match="memory table changed since the chain was taken"):
+        q.read_chain(c)
+    with pytest.raises(StaleChain):
+        q.write_chain(c, b"xy")
+    assert bytes(memfd.mem[BUF + 64 : BUF + 66]) == b"\0\0"  # nothing written
+    q.push_batch([(c.head, 0)])  # still returnable
+    assert drv.get_used() == [(c.head, 0)]
+    drv.add([(BUF, 4, 0)])
+    drv.publish()
+    (c2,) = q.pop_batch(1)  # popped under the new table: fine
+    assert c2.generation == gm.generation and q.read_chain(c2) == b"abcd"
+    gm.clear()
+
+
+def test_negative_offsets_are_refused(memfd: Memfd, engine: type[SplitQueue]) -> None:
+    q, drv, gm = make_queue(memfd, cls=engine)
+    drv.add([(BUF, 4, 0), (BUF + 64, 8, VRING_DESC_F_WRITE)])
+    drv.publish()
+    (c,) = q.pop_batch(1)
+    with pytest.raises(ValueError, match="offset -1 is negative"):
+        q.read_chain(c, offset=-1)
+    with pytest.raises(ValueError, match="offset -2 is negative"):
+        q.write_chain(c, b"abc", offset=-2)
+    assert bytes(memfd.mem[BUF + 64 : BUF + 72]) == bytes(8)
+    gm.clear()
+
+
+def test_raw_batches_and_push_used(memfd: Memfd, engine: type[SplitQueue]) -> None:
+    q, drv, gm = make_queue(memfd, size=16, event_idx=True, cls=engine)
+    msgs = [bytes([65 + i]) * (16 + 2 * i) for i in range(5)]
+    for i, m in enumerate(msgs):
+        memfd.mem[BUF + 256 * i : BUF + 256 * i + len(m)] = list(m)
+    heads = [drv.add([(BUF + 256 * i, len(m), 0)]) for i, m in enumerate(msgs)]
+    heads.append(drv.add([(BUF, 8, 0), (BUF + 4096, 8, VRING_DESC_F_WRITE)]))
+    heads.append(drv.add([(MEM + 4096, 8, 0)]))  # outside memory
+    drv.publish()
+    rb = q.pop_raw_batch(64, 20)
+    assert isinstance(rb, RawBatch) and rb.count == 7
+    assert rb.heads.dtype == np.uint32 and rb.heads.tolist() == heads
+    assert rb.errors.dtype == np.uint8
+    assert rb.errors.tolist() == [0] * 6 + [ChainError.ADDR_OUT_OF_BOUNDS]
+    assert rb.has_writable.tolist() == [False] * 5 + [True, False]
+    assert rb.lengths.dtype == np.int64 and rb.lengths.tolist() == [16, 18, 20, 20, 20, 8, 0]
+    assert rb.offsets.dtype == np.int64
+    assert rb.offsets.tolist() == [0, 16, 34, 54, 74, 94, 102]
+    assert [rb.payload(i) for i in range(5)] == [m[:20] for m in msgs]
+    assert rb.data == b"".join(m[:20] for m in msgs) + bytes(memfd.mem[BUF : BUF + 8])
+    assert q.stats.popped == 7 and q.stats.bad_chains == 1
+    assert q.pop_raw_batch(64, 20).count == 0
+    q.push_used(rb.returnable_heads(), 0)
+    assert q.need_notify() is True
+    assert drv.get_used() == [(h, 0) for h in heads]
+    assert q.stats.pushed == 7
+    gm.clear()
+
+
+def test_push_batch_takes_an_array(memfd: Memfd, engine: type[SplitQueue]) -> None:
+    q, drv, gm = make_queue(memfd, size=4, cls=engine)
+    hs = [drv.add([(BUF, 4, 0)]) for _ in range(3)]
+    drv.publish()
+    q.pop_batch(3)
+    q.push_batch(np.array([[hs[0], 5], [hs[1], 6], [hs[2], 7]], np.uint32))
+    assert drv.get_used() == [(hs[0], 5), (hs[1], 6), (hs[2], 7)]
+    q.push_batch(np.empty((0, 2), np.uint32))
+    q.push_used(np.empty(0, np.uint32), 3)
+    assert q.used_idx == 3 and q.stats.pushed == 3
+    gm.clear()
+
+
+def test_the_reference_raw_pop_needs_no_cffi(memfd: Memfd) -> None:
+    """Python-engine semantics on a broken ring: QueueBroken, as pop_batch."""
+    q, drv, gm = make_queue(memfd, size=8)
+    drv.avail[1] = 9
+    with pytest.raises(QueueBroken, match="avail idx 9 is 9 ahead of 0"):
+        q.pop_raw_batch(4, 16)
+    assert q.broken
+    gm.clear()

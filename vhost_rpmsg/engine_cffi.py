@@ -18,21 +18,41 @@ mappings and that C never goes outside them:
   change on another thread never swaps pointers under a running call;
 * after :meth:`unmap`, or when the queue size no longer matches the mapped rings, every
   method falls back to the Python engine, which fails exactly as it does there;
-* payload copies re-check every byte range against the current table; a chain that no
-  longer fits it (memory changed since it was popped) is handed to the Python engine,
-  which gives its own result for it.
+* a chain records the table generation it was translated under, and copies through a
+  chain from another generation raise :class:`~vhost_rpmsg.virtqueue.StaleChain`;
+  payload copies still re-check every byte range against the current table, and a chain
+  that does not fit it (made up or modified by the caller) is handed to the Python
+  engine, which gives its own result for it;
+* :meth:`CffiSplitQueue.pop_raw_batch` has C write the per-chain results straight into
+  a fresh block, bounded by its capacity, whose numpy views the returned
+  :class:`~vhost_rpmsg.virtqueue.RawBatch` owns, and the payloads into a scratch buffer
+  copied out as one ``bytes``: nothing the caller holds is ever reused.
 """
 
 from __future__ import annotations
 
 import itertools
+import operator
 from array import array
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from ._vring_c import ffi, lib
 from .memory import GuestMemory
-from .virtqueue import Chain, ChainError, Segment, SplitQueue
+from .virtqueue import (
+    U32_MAX,
+    Chain,
+    ChainError,
+    RawBatch,
+    Segment,
+    SplitQueue,
+    stale_chain,
+    used_entries_array,
+    used_heads_array,
+    used_length,
+)
 
 __all__ = ["CffiSplitQueue", "full_fence"]
 
@@ -163,6 +183,52 @@ class _Batch:
         self.data_cap = n
 
 
+class _Raw:
+    """Reusable scratch of vr_pop_raw: the struct, one chain's segments, the payload buffer.
+
+    Used under the queue lock only; the per-chain arrays are fresh for every batch.
+    """
+
+    def __init__(self, segs: int = _SEGS0, data: int = _DATA0) -> None:
+        self.r = ffi.new("vr_raw *")
+        self.keep: dict[str, Any] = {}
+        self.seg_cap = 0
+        self.data_cap = 0
+        self.data_view: Any = None  # ffi.buffer of the whole data buffer, sliced to bytes
+        self.grow_segs(segs)
+        self.grow_data(data, 0)
+
+    def grow_segs(self, n: int) -> None:
+        for name, ctype in (
+            ("seg_region", "uint32_t"), ("seg_off", "uint64_t"), ("seg_len", "uint32_t"),
+            ("seg_writable", "uint8_t"),
+        ):
+            a = ffi.new(f"{ctype}[]", n)
+            self.keep[name] = a
+            setattr(self.r, name, a)
+        self.seg_cap = n
+        self.r.seg_cap = n
+
+    def grow_data(self, n: int, keep: int) -> None:
+        """A data buffer of ``n`` bytes holding the first ``keep`` bytes of the old one."""
+        a = _raw_alloc("uint8_t[]", n)
+        if keep:
+            ffi.memmove(a, self.keep["data"], keep)
+        self.keep["data"] = a
+        self.r.data = a
+        self.r.data_cap = n
+        self.data_cap = n
+        self.data_view = ffi.buffer(a)
+
+
+_U32 = np.dtype(np.uint32)
+_U8 = np.dtype(np.uint8)
+_BOOL = np.dtype(np.bool_)
+_I64 = np.dtype(np.int64)
+_RAW_BYTES = lib.VR_RAW_CHAIN_BYTES
+_frombuffer = np.frombuffer
+
+
 def _pack(segs: Sequence[Segment]) -> Any:
     """Segments as a C uint64_t[3 * n]; None if they are not plain (region, off, len)."""
     n = len(segs)
@@ -189,6 +255,7 @@ class CffiSplitQueue(SplitQueue):
         super().__init__(index, max_size)
         self._state: _State | None = None
         self._batch: _Batch | None = None
+        self._raw: _Raw | None = None
 
     # -- mapping ---------------------------------------------------------------------
 
@@ -269,8 +336,9 @@ class CffiSplitQueue(SplitQueue):
             total = b.total
             out: list[Chain] = []
             nbad = 0
+            generation = st.table.generation
             while True:
-                self._collect(bt, out, payloads)
+                self._collect(bt, out, payloads, generation)
                 nbad += b.nbad
                 if status == lib.VR_POP_DONE:
                     break
@@ -290,7 +358,8 @@ class CffiSplitQueue(SplitQueue):
             return out, payloads
 
     @staticmethod
-    def _collect(bt: _Batch, out: list[Chain], payloads: list[bytes | None] | None) -> None:
+    def _collect(bt: _Batch, out: list[Chain], payloads: list[bytes | None] | None,
+                 generation: int) -> None:
         b = bt.b
         k = b.nchains
         if not k:
@@ -312,7 +381,7 @@ class CffiSplitQueue(SplitQueue):
             s = starts[i]
             m = s + nread[i]
             append(Chain(heads[i], errors[errs[i]], segs[s:m], segs[m : m + nwrite[i]],
-                         rlen[i], wlen[i]))
+                         rlen[i], wlen[i], generation))
         if payloads is not None:
             blob = ffi.buffer(b.data, b.data_used)[:]
             offs = unpack(b.data_off, k)
@@ -324,10 +393,99 @@ class CffiSplitQueue(SplitQueue):
                     o = offs[i]
                     payloads.append(blob[o : o + lens[i]])
 
-    def push_batch(self, entries: list[tuple[int, int]]) -> None:
-        """Publish (head, bytes written) pairs on the used ring, then the new used idx."""
+    def pop_raw_batch(self, max_chains: int, limit: int) -> RawBatch:
+        """Take up to ``max_chains`` chains with up to ``limit`` readable bytes of each.
+
+        One C call fills the :class:`~vhost_rpmsg.virtqueue.RawBatch` arrays; no Python
+        object is made per chain.
+        """
+        max_chains = operator.index(max_chains)
+        limit = operator.index(limit)
+        st = self._current()
+        if st is None:
+            return SplitQueue.pop_raw_batch(self, max_chains, limit)
+        with self.lock:
+            last = self.last_avail_idx
+            # A first look at the avail idx sizes the arrays (and answers an idle poll
+            # without C); C reads it again with acquire ordering and pops at most n.
+            idx = int(self._avail[1])
+            pending = (idx - last) & 0xFFFF
+            if pending > st.size:
+                self._break(f"avail idx {idx} is {pending} ahead of {last}")
+            n = min(pending, max_chains)
+            if n <= 0:
+                return RawBatch.empty()
+            rw = self._raw
+            if rw is None:
+                rw = self._raw = _Raw()
+            r = rw.r
+            # All per-chain arrays in one fresh block (int64 units: 8-byte aligned), laid
+            # out by C; the batch's arrays are views of it, made once the count is known.
+            block = _raw_alloc("int64_t[]", (_RAW_BYTES * n + 7) // 8)
+            flags = lib.VR_F_INDIRECT if self.indirect else 0
+            status = lib.vr_pop_raw(st.ring, r, block, n, last, flags,
+                                    min(max(limit, 0), (1 << 64) - 1))  # < 0: b""
+            while status != lib.VR_POP_DONE:
+                if status == lib.VR_POP_AHEAD:  # it moved under us; the guest's doing
+                    self._break(f"avail idx {r.avail_idx} is {r.pending} ahead of {last}")
+                if status == lib.VR_POP_NEED_SEGS:
+                    rw.grow_segs(max(2 * rw.seg_cap, r.need))
+                else:
+                    rw.grow_data(max(2 * rw.data_cap, r.need), r.data_used)
+                status = lib.vr_pop_raw(st.ring, r, block, n, last, lib.VR_F_CONTINUE, 0)
+            k = r.total
+            self.last_avail_idx = r.last_avail
+            nbad = r.nbad
+            stats = self.stats
+            stats.popped += k
+            stats.bad_chains += nbad
+            data = rw.data_view[: r.data_used]
+            buf = ffi.buffer(block)
+            return RawBatch(_frombuffer(buf, _U32, k, 16 * n), _frombuffer(buf, _U8, k, 20 * n),
+                            _frombuffer(buf, _BOOL, k, 21 * n), _frombuffer(buf, _I64, k, 8 * n),
+                            _frombuffer(buf, _I64, k, 0), data, nbad, r.nwritable, r.nhead_bad)
+
+    def push_used(self, heads: np.ndarray, length: int) -> None:
+        """Publish every head of ``heads`` (a uint32 array) with the same used ``length``."""
+        if not (type(heads) is np.ndarray and heads.dtype is _U32 and heads.ndim == 1
+                and heads.flags.c_contiguous):
+            heads = used_heads_array(heads)
+        if type(length) is not int or not 0 <= length <= U32_MAX:
+            length = used_length(length)
+        n = len(heads)
+        if not n:
+            return None
+        st = self._current()
+        if st is None:
+            return SplitQueue.push_used(self, heads, length)
+        self.used_idx = lib.vr_push_used(st.ring, self.used_idx,
+                                         ffi.from_buffer("uint32_t[]", heads), n, length)
+        self.stats.pushed += n
+        return None
+
+    def push_batch(self, entries: list[tuple[int, int]] | np.ndarray) -> None:
+        """Publish (head, bytes written) pairs on the used ring, then the new used idx.
+
+        ``entries`` is a list of pairs or an (n, 2) array of them; a C-contiguous uint32
+        array goes to C as it is.
+        """
+        if isinstance(entries, np.ndarray):
+            arr = entries
+            if not (arr.dtype is _U32 and arr.ndim == 2 and arr.shape[1] == 2
+                    and arr.flags.c_contiguous):
+                arr = used_entries_array(arr)
+            n = len(arr)
+            if not n:
+                return None
+            st = self._current()
+            if st is None:
+                return SplitQueue.push_batch(self, arr)
+            self.used_idx = lib.vr_push_batch(st.ring, self.used_idx,
+                                              ffi.from_buffer("uint32_t[]", arr), n)
+            self.stats.pushed += n
+            return None
         if not entries:
-            return
+            return None
         st = self._current()
         if st is None:
             return super().push_batch(entries)
@@ -373,6 +531,8 @@ class CffiSplitQueue(SplitQueue):
         st = self._current()
         if st is None or type(offset) is not int or offset < 0:
             return super().read_chain(chain, limit, offset)
+        if chain.generation != st.table.generation:
+            raise stale_chain(chain, st.table.generation)
         want = chain.read_len - offset if limit is None else min(limit, chain.read_len - offset)
         segs = chain.readable
         if want <= 0 or not segs:
@@ -409,6 +569,8 @@ class CffiSplitQueue(SplitQueue):
         st = self._current()
         if st is None or type(offset) is not int or offset < 0:
             return super().write_chain(chain, data, offset)
+        if chain.generation != st.table.generation:
+            raise stale_chain(chain, st.table.generation)
         src = memoryview(data)
         if src.format != "B" or src.ndim != 1 or not src.c_contiguous:
             return super().write_chain(chain, data, offset)

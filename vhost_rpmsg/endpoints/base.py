@@ -1,10 +1,11 @@
 """Host-side endpoints: the handler interface plugins implement.
 
-An :class:`Endpoint` owns one host RPMsg address.  The device calls
-:meth:`Endpoint.on_batch` (default: :meth:`on_message` per message) with what the guest
-sent it, and gives the endpoint a :class:`Port` through which it sends back.  A
-handler may be synchronous or ``async def``: async handlers run in order on the
-device's event loop.
+An :class:`Endpoint` owns one host RPMsg address.  The device calls the most
+batched handler the endpoint overrides: :meth:`Endpoint.on_message_batch` (arrays over
+one buffer), :meth:`on_batch` ((src, payload) pairs) or :meth:`on_message` (one at a
+time) with what the guest sent it, and gives the endpoint a :class:`Port` through
+which it sends back.  A handler may be synchronous or ``async def``: async handlers
+run in order on the device's event loop.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from ..rpmsg.batch import MessageBatch
     from ..rpmsg.device import RpmsgDevice
 
 
@@ -59,9 +61,16 @@ class Endpoint:
         """One message from guest address ``src``."""
 
     def on_batch(self, messages: list[tuple[int, bytes]]) -> None:
-        """Several messages at once (the hot path); override to amortise per-call costs."""
+        """Several messages at once, as (src, payload) pairs; override to amortise
+        per-call costs."""
         for src, data in messages:
             self.on_message(src, data)
+
+    def on_message_batch(self, batch: MessageBatch) -> None:
+        """Several messages as arrays over one buffer (the hot path): override to handle
+        them without creating an object per message.  ``batch.srcs``, ``.offsets`` and
+        ``.lengths`` index ``batch.data``; iterating yields (src, payload) pairs."""
+        self.on_batch(list(batch))
 
     def guest_ready(self) -> None:
         """The guest driver is up (announcements delivered, rx buffers posted)."""

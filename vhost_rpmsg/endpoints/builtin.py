@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+from ..rpmsg.batch import MessageBatch
 from .base import Endpoint
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,15 @@ class Sink(Endpoint):
         self.bytes = 0
         self.last_src: int | None = None
 
-    def on_batch(self, messages: list[tuple[int, bytes]]) -> None:
-        self.messages += len(messages)
-        self.bytes += sum(len(d) for _, d in messages)
-        self.last_src = messages[-1][0]
+    def on_message_batch(self, batch: MessageBatch) -> None:
+        self.messages += len(batch)
+        self.bytes += batch.total_bytes()
+        self.last_src = int(batch.srcs[-1])
 
     def on_message(self, src: int, data: bytes) -> None:
-        self.on_batch([(src, data)])
+        self.messages += 1
+        self.bytes += len(data)
+        self.last_src = src
 
 
 class Source(Endpoint):

@@ -15,10 +15,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..endpoints.base import Endpoint
 from ..virtqueue import Chain
 from . import codec as rp
-from .device import TO_GUEST, TO_HOST, PayloadTooLarge, RpmsgDevice, RpmsgError, WouldBlock
+from .device import (
+    MAX_READ,
+    TO_GUEST,
+    TO_HOST,
+    PayloadTooLarge,
+    RpmsgDevice,
+    RpmsgError,
+    WouldBlock,
+)
 
 #: kernel names of the two queues
 VIRTIO_RPMSG_RESPONSE = TO_GUEST
@@ -38,7 +48,8 @@ class RpmsgIter:
     qid: int = -1
     priv: Any = None
     ept: EptEntry | None = None
-    _chain: Chain | None = None
+    _chain: Chain | None = None  # RESPONSE: the rx buffer being filled
+    _head: int | None = None  # REQUEST: the guest's buffer, already copied out
     _pos: int = 0
     _data: bytes | None = None  # a message already copied out of the ring
     _held: list[Any] = field(default_factory=list)
@@ -192,22 +203,21 @@ class VhostRpmsg:
         dev = self.device
         q = dev.queues[TO_HOST]
         while True:
-            chains = q.pop_batch(1)
-            if not chains:
+            rb = q.pop_raw_batch(1, MAX_READ)
+            if not rb.count:
                 if q.enable_kicks():
                     continue
                 return False
-            c = chains[0]
-            msgs = dev._read_messages(q, [c])  # counts and logs a bad chain or message
-            if not msgs:
-                if c.returnable:
-                    q.push_batch([(c.head, 0)])
+            parsed = dev._parse(rb)  # counts and logs a bad chain or message
+            if not parsed.runs:
+                if rb.nunreturnable == 0:
+                    q.push_used(rb.heads, 0)
                     q.notify()
                 continue
-            hdr, payload = msgs[0]
-            it.src, it.dst, it.len = hdr.src, hdr.dst, hdr.length
-            it._chain = c
-            it._data = payload
+            run = parsed.runs[0]
+            it.src, it.dst, it.len = int(run.srcs[0]), run.dst, int(run.lengths[0])
+            it._head = int(rb.heads[0])
+            it._data = run.payload(0)
             return True
 
     def copy(self, it: RpmsgIter, data: bytes | int) -> bytes | int:
@@ -233,22 +243,24 @@ class VhostRpmsg:
         """``vhost_rpmsg_finish_unlock``: return the buffer, notify the guest, unlock.
 
         Returns the bytes of the message not copied (0 when complete)."""
-        if not it._held or it._chain is None:
+        if not it._held or (it._chain is None and it._head is None):
             raise RpmsgError("finish_unlock() on an iterator that is not started")
         q = self.device.queues[it.qid]
         left = it.remaining
         try:
             if it.qid == TO_GUEST:
+                assert it._chain is not None
                 # A short copy still delivers the declared length (zero-filled at start),
                 # so the guest never sees a header claiming bytes that are not there.
                 q.push_batch([(it._chain.head, rp.HDR_SIZE + it.len)])
                 self.device.stats["to_guest_messages"] += 1
             else:
-                q.push_batch([(it._chain.head, 0)])
+                q.push_used(np.array([it._head], np.uint32), 0)
                 self.device.stats["to_host_messages"] += 1
             q.notify()
         finally:
             it._chain = None
+            it._head = None
             for lock in it._held:
                 lock.release()
             it._held = []

@@ -27,8 +27,9 @@ from ..vhost_user.protocol import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 )
-from ..virtqueue import Chain, SplitQueue
+from ..virtqueue import Chain, ChainError, RawBatch, SplitQueue
 from . import codec as rp
+from .batch import MessageBatch, Parsed, parse
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +229,13 @@ class RpmsgDevice(VirtioDevice):
             self.stats["ns_announced"] += 1
         self._flush_soon()
 
-    def _guest_ns(self, hdr: rp.Header, payload: bytes) -> None:
+    def _guest_ns(self, src: int, payload: bytes) -> None:
         try:
             ns = rp.decode_ns(payload)
         except rp.RpmsgFormatError as e:
             self.stats["bad_guest_ns"] += 1
             self._rl.error("bad_ns", "malformed name-service message from guest %d: %s",
-                           hdr.src, e)
+                           src, e)
             return
         if ns.flags is rp.NsFlags.CREATE:
             self.guest_services[ns.name] = GuestService(ns.name, ns.addr)
@@ -288,80 +289,70 @@ class RpmsgDevice(VirtioDevice):
                     self.stats["to_host_paused"] += 1
                     return
                 q.disable_kicks()
-                chains = q.pop_batch(BATCH)
-                if not chains:
+                rb = q.pop_raw_batch(BATCH, MAX_READ)
+                if not rb.count:
                     if not q.enable_kicks():
                         return
                     continue
-                messages = self._read_messages(q, chains)
-                q.push_batch([(c.head, 0) for c in chains if c.returnable])
+                q.push_used(rb.returnable_heads(), 0)
                 q.notify()
-            self._dispatch(messages)
+            self._dispatch(self._parse(rb))
 
-    def _read_messages(self, q: SplitQueue, chains: list[Chain]) -> list[tuple[rp.Header, bytes]]:
-        out = []
-        for c in chains:
-            if not c.ok:
-                self.stats["bad_chains"] += 1
-                self._rl.error("chain", "to_host: bad descriptor chain at head %d: %s",
-                               c.head, c.error.name)
-                continue
-            if c.writable:
-                self.stats["bad_chains"] += 1
-                self._rl.error("dir", "to_host: chain %d has device-writable buffers", c.head)
-                continue
-            data = q.read_chain(c, MAX_READ)
-            try:
-                hdr, payload = rp.decode_message(data)
-            except rp.RpmsgFormatError as e:
-                self.stats["bad_messages"] += 1
-                self._rl.error("msg", "to_host: malformed message in chain %d: %s", c.head, e)
-                continue
-            out.append((hdr, payload))
-        return out
+    def _parse(self, rb: RawBatch) -> Parsed:
+        """Parse a raw batch; count and log (rate-limited) whatever was not a message."""
+        parsed = parse(rb)
+        for i in parsed.bad_chains:
+            self.stats["bad_chains"] += 1
+            err = ChainError(int(rb.errors[i]))
+            what = err.name if err is not ChainError.OK else "device-writable buffers"
+            self._rl.error("chain", "to_host: bad descriptor chain at head %d: %s",
+                           int(rb.heads[i]), what)
+        for i, why in parsed.bad_messages:
+            self.stats["bad_messages"] += 1
+            self._rl.error("msg", "to_host: malformed message in chain %d: %s",
+                           int(rb.heads[i]), why)
+        return parsed
 
-    def _dispatch(self, messages: list[tuple[rp.Header, bytes]]) -> None:
-        """Hand messages to endpoints, grouping runs to the same endpoint into batches."""
-        i = 0
-        n = len(messages)
-        while i < n:
-            hdr = messages[i][0]
-            dst = hdr.dst
-            j = i + 1
-            while j < n and messages[j][0].dst == dst:
-                j += 1
-            self.stats["to_host_messages"] += j - i
-            if dst == rp.NS_ADDR:
-                for h, p in messages[i:j]:
-                    self._guest_ns(h, p)
+    def _dispatch(self, parsed: Parsed) -> None:
+        """Hand each run of messages for one address to its endpoint."""
+        for run in parsed.runs:
+            n = len(run)
+            self.stats["to_host_messages"] += n
+            if run.dst == rp.NS_ADDR:
+                for src, payload in run:
+                    self._guest_ns(src, payload)
+                continue
+            ep = self.endpoints.get(run.dst)
+            if ep is None:
+                self.stats["unknown_destination"] += n
+                self._rl.error("dst", "no host endpoint at %d (from guest %d); "
+                               "%d message(s) discarded", run.dst, int(run.srcs[0]), n)
             else:
-                ep = self.endpoints.get(dst)
-                if ep is None:
-                    self.stats["unknown_destination"] += j - i
-                    self._rl.error("dst", "no host endpoint at %d (from guest %d); "
-                                   "message discarded", dst, hdr.src)
-                else:
-                    self._deliver(ep, [(h.src, p) for h, p in messages[i:j]])
-            i = j
+                self._deliver(ep, run)
 
-    def _deliver(self, ep: Endpoint, batch: list[tuple[int, bytes]]) -> None:
+    def _deliver(self, ep: Endpoint, run: MessageBatch) -> None:
+        kind = type(ep)
         if inspect.iscoroutinefunction(ep.on_message):
             q = self._async_queue(ep)
-            for item in batch:
+            for item in run:
                 q.put_nowait(item)
-            return
-        if type(ep).on_batch is Endpoint.on_batch:
+        elif kind.on_message_batch is not Endpoint.on_message_batch:
+            try:
+                ep.on_message_batch(run)
+            except Exception:
+                self._handler_failed(ep, len(run))
+        elif kind.on_batch is not Endpoint.on_batch:
+            try:
+                ep.on_batch(list(run))
+            except Exception:
+                self._handler_failed(ep, len(run))
+        else:
             # Per message, so one failing message does not cost the rest of the batch.
-            for src, data in batch:
+            for src, data in run:
                 try:
                     ep.on_message(src, data)
                 except Exception:
                     self._handler_failed(ep, 1)
-            return
-        try:
-            ep.on_batch(batch)
-        except Exception:
-            self._handler_failed(ep, len(batch))
 
     def _handler_failed(self, ep: Endpoint, messages: int) -> None:
         self.stats["handler_errors"] += 1

@@ -1,0 +1,145 @@
+"""Guest messages as arrays: parsing a raw chain batch without an object per message.
+
+The engines hand the device a :class:`~vhost_rpmsg.virtqueue.RawBatch` (every chain's
+bytes in one buffer); :func:`parse` checks and splits the rpmsg headers, vectorised for
+large batches, and :class:`MessageBatch` is what endpoints receive: one buffer, the
+payload offsets and lengths, the senders.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..virtqueue import RawBatch
+from . import codec as rp
+
+_HDR_DTYPE = np.dtype([("src", "<u4"), ("dst", "<u4"), ("reserved", "<u4"), ("len", "<u2"),
+                       ("flags", "<u2")])
+_HDR_INDEX = np.arange(rp.HDR_SIZE, dtype=np.int64)
+VECTOR_MIN = 16  # below this many messages, plain struct unpacking is cheaper
+
+
+class MessageBatch:
+    """Consecutive guest messages to one host address, sharing one buffer.
+
+    ``srcs[i]`` sent ``data[offsets[i] : offsets[i] + lengths[i]]``.  The sequences are
+    numpy arrays for large batches and lists for small ones; both index and iterate the
+    same way.
+    """
+
+    __slots__ = ("data", "dst", "lengths", "offsets", "srcs")
+
+    def __init__(self, data: bytes, dst: int, srcs: np.ndarray | list[int],
+                 offsets: np.ndarray | list[int], lengths: np.ndarray | list[int]) -> None:
+        self.data = data
+        self.dst = dst
+        self.srcs = srcs
+        self.offsets = offsets
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.srcs)
+
+    def payload(self, i: int) -> bytes:
+        o = int(self.offsets[i])
+        return self.data[o : o + int(self.lengths[i])]
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        data = self.data
+        for s, o, n in zip(_tolist(self.srcs), _tolist(self.offsets), _tolist(self.lengths),
+                           strict=True):
+            yield s, data[o : o + n]
+
+    def total_bytes(self) -> int:
+        lengths = self.lengths
+        return int(lengths.sum()) if isinstance(lengths, np.ndarray) else sum(lengths)
+
+
+def _tolist(a: np.ndarray | list[int]) -> list[int]:
+    return a.tolist() if isinstance(a, np.ndarray) else a
+
+
+@dataclass
+class Parsed:
+    """What one raw batch held: runs of messages per destination, and what was wrong."""
+
+    runs: list[MessageBatch]
+    bad_chains: list[int]  # indices of chains with a ring-level error or writable buffers
+    bad_messages: list[tuple[int, str]]  # (chain index, why) for unparseable messages
+
+
+def parse(rb: RawBatch) -> Parsed:
+    """Split ``rb`` into per-destination runs of valid messages, in ring order."""
+    bad_chains: list[int] = []
+    if rb.nbad or rb.nwritable:
+        ok = (rb.errors == 0) & ~rb.has_writable
+        bad_chains = np.flatnonzero(~ok).tolist()
+        idx = np.flatnonzero(ok)
+    else:
+        idx = None  # all good
+    n = rb.count - len(bad_chains)
+    if n == 0:
+        return Parsed([], bad_chains, [])
+    if n < VECTOR_MIN:
+        return _parse_small(rb, idx, bad_chains)
+    offsets = rb.offsets if idx is None else rb.offsets[idx]
+    lengths = rb.lengths if idx is None else rb.lengths[idx]
+    chain_ids = np.arange(rb.count) if idx is None else idx
+    short = lengths < rp.HDR_SIZE
+    buf = np.frombuffer(rb.data, np.uint8)
+    safe = np.where(short, 0, offsets)  # never index past the buffer for short chains
+    if len(buf) < rp.HDR_SIZE:
+        buf = np.zeros(rp.HDR_SIZE, np.uint8)
+    hdr = buf[safe[:, None] + _HDR_INDEX].view(_HDR_DTYPE)[:, 0]
+    plen = hdr["len"].astype(np.int64)
+    too_long = ~short & (plen > lengths - rp.HDR_SIZE)
+    bad = short | too_long
+    bad_messages = []
+    if bad.any():
+        for k in np.flatnonzero(bad).tolist():
+            why = (f"{int(lengths[k])} bytes cannot hold a {rp.HDR_SIZE}-byte header"
+                   if short[k] else f"header says {int(plen[k])} payload bytes, buffer holds "
+                   f"{int(lengths[k]) - rp.HDR_SIZE}")
+            bad_messages.append((int(chain_ids[k]), why))
+        keep = ~bad
+        hdr, offsets, plen = hdr[keep], offsets[keep], plen[keep]
+    dsts = hdr["dst"]
+    srcs = hdr["src"]
+    starts = offsets + rp.HDR_SIZE
+    runs = []
+    if len(dsts):
+        cuts = np.flatnonzero(dsts[1:] != dsts[:-1]) + 1
+        bounds = [0, *cuts.tolist(), len(dsts)]
+        for a, b in itertools.pairwise(bounds):
+            runs.append(MessageBatch(rb.data, int(dsts[a]), srcs[a:b], starts[a:b], plen[a:b]))
+    return Parsed(runs, bad_chains, bad_messages)
+
+
+def _parse_small(rb: RawBatch, idx: np.ndarray | None, bad_chains: list[int]) -> Parsed:
+    data = rb.data
+    offsets = rb.offsets.tolist()
+    lengths = rb.lengths.tolist()
+    runs: list[MessageBatch] = []
+    bad_messages = []
+    cur: MessageBatch | None = None
+    for i in (range(rb.count) if idx is None else idx.tolist()):
+        o, n = offsets[i], lengths[i]
+        if n < rp.HDR_SIZE:
+            bad_messages.append((i, f"{n} bytes cannot hold a {rp.HDR_SIZE}-byte header"))
+            continue
+        h = rp.decode_header(data[o : o + rp.HDR_SIZE])
+        if h.length > n - rp.HDR_SIZE:
+            bad_messages.append((i, f"header says {h.length} payload bytes, buffer holds "
+                                    f"{n - rp.HDR_SIZE}"))
+            continue
+        if cur is None or cur.dst != h.dst:
+            cur = MessageBatch(data, h.dst, [], [], [])
+            runs.append(cur)
+        cur.srcs.append(h.src)  # type: ignore[union-attr]
+        cur.offsets.append(o + rp.HDR_SIZE)  # type: ignore[union-attr]
+        cur.lengths.append(h.length)  # type: ignore[union-attr]
+    return Parsed(runs, bad_chains, bad_messages)

@@ -18,6 +18,6 @@ class SdistWithCext(sdist):
 
 
 setup(
-    cffi_modules=["cext/build_vring.py:ffibuilder"],
+    cffi_modules=["cext/build_vring.py:ffibuilder", "cext/build_guest.py:ffibuilder"],
     cmdclass={"sdist": SdistWithCext},
 )

@@ -17,6 +17,7 @@ import select
 import threading
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from ..rpmsg import codec as rp
@@ -28,6 +29,7 @@ from ..vhost_user.protocol import (
     Request,
 )
 from ..virtqueue import VRING_DESC_F_WRITE
+from . import fastpath
 from .frontend import Frontend, GuestRam, QueueSetup
 from .ring import DriverRing, RingLayout
 
@@ -88,6 +90,7 @@ class SimGuest:
         name_service: bool = True,
         hidden_tail: int = 0,
         rx_thread: bool = True,
+        fast: bool | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.queue_size = queue_size
@@ -99,6 +102,11 @@ class SimGuest:
         #: False: no background rx thread; recv()/wait_counted() drive the rx ring
         #: themselves (no thread hand-off: what a latency measurement wants)
         self.rx_thread = rx_thread
+        #: the C fast path (guest/fastpath.py) for send_burst and the rx drain: None picks
+        #: it when vhost_rpmsg._guest_c is built, True requires it, False keeps to Python;
+        #: either way the same ring contents, kicks, stats and delivered messages
+        self._fast = fastpath.load(fast, queue_size)
+        self.fast = self._fast is not None
         #: False: rx buffers are kept after use instead of re-posted (tests make room so)
         self.repost_rx = True
         self.rx_held: list[int] = []
@@ -309,20 +317,26 @@ class SimGuest:
         n = len(msg)
         ring = self.rings[TX]
         left = count
-        with self._tx_lock:
+        fast = self._fast
+        with self._tx_lock, fast.holding(self, ring) if fast else nullcontext():
             while left:
                 if not self.tx_free:
-                    self._reclaim_tx()
+                    if fast is None:
+                        self._reclaim_tx()
+                    else:
+                        fast.reclaim_tx(self)
                 if not self.tx_free:
-                    self.tx_free.append(self._get_tx_buf(timeout))
+                    self.tx_free.append(self._get_tx_buf(timeout) if fast is None
+                                        else fast.get_tx_buf(self, timeout))
                 batch = min(left, len(self.tx_free))
-                for _ in range(batch):
-                    gpa = self.tx_free.pop()
-                    self._write(gpa, msg)
-                    self.tx_inflight[ring.add([(gpa, n, 0)])] = gpa
+                if fast is None or not fast.tx_fill(self, ring, msg, batch):
+                    for _ in range(batch):
+                        gpa = self.tx_free.pop()
+                        self._write(gpa, msg)
+                        self.tx_inflight[ring.add([(gpa, n, 0)])] = gpa
                 left -= batch
                 self.stats.tx_messages += batch
-                if ring.publish():
+                if ring.publish() if fast is None else fast.publish(self, ring):
                     self._kick(TX)
 
     def send_chain(self, bufs: list[tuple[int, int, int]]) -> int:
@@ -408,6 +422,8 @@ class SimGuest:
                     break
 
     def _rx_drain(self, ring: DriverRing) -> None:
+        if self._fast is not None and self._fast.rx_drain(self, ring):
+            return
         used = ring.get_used()
         if not used:
             return

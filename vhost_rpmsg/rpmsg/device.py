@@ -296,7 +296,12 @@ class RpmsgDevice(VirtioDevice):
                     continue
                 q.push_used(rb.returnable_heads(), 0)
                 q.notify()
+                # A partial batch drained the ring: re-arm kicks now, not after one more
+                # (empty) pop; True means buffers raced in and we go round again.
+                drained = rb.count < BATCH and not q.enable_kicks()
             self._dispatch(self._parse(rb))
+            if drained:
+                return
 
     def _parse(self, rb: RawBatch) -> Parsed:
         """Parse a raw batch; count and log (rate-limited) whatever was not a message."""

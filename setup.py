@@ -8,7 +8,8 @@ the extension's header and build script, which setuptools would leave out.
 from setuptools import setup
 from setuptools.command.sdist import sdist
 
-CEXT_FILES = ["cext/build_vring.py", "cext/vring.c", "cext/vring.h"]
+CEXT_FILES = ["cext/build_vring.py", "cext/vring.c", "cext/vring.h",
+              "cext/build_guest.py", "cext/guest_ring.c", "cext/guest_ring.h"]
 
 
 class SdistWithCext(sdist):

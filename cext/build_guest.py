@@ -1,0 +1,118 @@
+"""cffi (API mode) build of the simulated guest's C fast path: ``vhost_rpmsg._guest_c``.
+
+Built by ``pip install .`` through ``setup.py``'s ``cffi_modules``.  For a quick build in
+the work tree (the module lands next to the package sources, ignored by git)::
+
+    python cext/build_guest.py
+"""
+
+from __future__ import annotations
+
+import os
+
+from cffi import FFI
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _path(name: str, absolute: bool) -> str:
+    # setuptools wants source paths relative to the project root, which is the working
+    # directory when cffi runs this file from setup.py; ffi.compile() changes directory,
+    # so the in-tree build uses absolute paths.
+    path = os.path.join(_HERE, name)
+    return path if absolute else os.path.relpath(path)
+
+
+CDEF = """
+#define GR_BUF_SIZE ...
+#define GR_HDR_SIZE ...
+#define GR_ERR_RING ...
+#define GR_ERR_RANGE ...
+#define GR_ERR_MORE ...
+#define GR_RX_COUNTED ...
+#define GR_RX_OTHER ...
+#define GR_RX_BAD_LEN ...
+#define GR_RX_BAD_HDR ...
+
+typedef struct gr_ring {
+    uint8_t *ram;
+    uint64_t ram_size;
+    uint64_t desc;
+    uint64_t avail;
+    uint64_t used;
+    uint32_t size;
+    uint32_t event_idx;
+} gr_ring;
+
+typedef struct gr_rx {
+    uint32_t n;
+    const uint32_t *lens;
+    const uint64_t *gpas;
+    uint32_t nstack;
+    const uint32_t *stack;
+    uint32_t ncounters;
+    const uint32_t *counter_addr;
+    uint16_t avail_idx;
+    uint64_t *counter_msgs;
+    uint64_t *counter_bytes;
+    uint8_t *actions;
+    uint32_t *rest;
+    uint32_t *post_ids;
+    uint64_t *post_gpas;
+    uint8_t *data;
+    uint32_t nrest;
+    uint32_t counted;
+    uint32_t reposted;
+} gr_rx;
+
+int32_t gr_used_read(const gr_ring *r, uint16_t last_used, uint32_t cap, uint32_t *heads,
+                     uint32_t *lens);
+int gr_publish(const gr_ring *r, uint16_t old_idx, uint16_t new_idx);
+int gr_enable_interrupts(const gr_ring *r, uint16_t last_used);
+int32_t gr_tx_fill(const gr_ring *r, uint16_t avail_idx, const uint8_t *msg, uint32_t len,
+                   const uint64_t *gpas, const uint32_t *ids, uint32_t n);
+int gr_rx_process(const gr_ring *r, gr_rx *x);
+"""
+
+
+def make_ffi(absolute: bool = False) -> FFI:
+    ffi = FFI()
+    ffi.cdef(CDEF)
+    extra: dict[str, object] = {}
+    if absolute:
+        # Named _guest_c.abi3.so like the setuptools build (cffi asks setuptools for the
+        # limited API there), so the two builds replace each other instead of the
+        # version-tagged file of one shadowing the other.
+        extra["py_limited_api"] = True
+    ffi.set_source(
+        "vhost_rpmsg._guest_c",
+        '#include "guest_ring.h"',
+        sources=[_path("guest_ring.c", absolute)],
+        depends=[_path("guest_ring.h", absolute)],
+        include_dirs=[_path(".", absolute)],
+        extra_compile_args=["-std=c11", "-O2", "-Wall"],
+        **extra,
+    )
+    return ffi
+
+
+ffibuilder = make_ffi()
+
+
+def _build_in_tree() -> str:
+    import glob
+    import shutil
+
+    root = os.path.dirname(_HERE)
+    tmp = os.path.join(root, "build", "cffi")
+    built = make_ffi(absolute=True).compile(tmpdir=tmp, verbose=False)
+    pkg = os.path.join(root, "vhost_rpmsg")
+    for old in glob.glob(os.path.join(pkg, "_guest_c*.so")):
+        os.remove(old)
+    dest = os.path.join(pkg, os.path.basename(built))
+    shutil.copy2(built, dest)
+    return dest
+
+
+if __name__ == "__main__":
+    print(_build_in_tree())

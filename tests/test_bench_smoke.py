@@ -7,6 +7,7 @@ tests); this checks that the benchmark itself works end to end.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from vhost_rpmsg import bench
@@ -25,7 +26,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert 0 < report.backend_peak_rss_mb[engine] < 1024
     for c in report.cases:
         assert c.messages > 0 and c.seconds > 0 and c.msgs_per_s > 0
-        assert 0 <= c.backend_cpu <= 2.5 and 0 <= c.guest_cpu <= 2.5
+        cores = os.cpu_count() or 1
+        assert 0 < c.backend_cpu <= cores + 0.1 and 0 < c.guest_cpu <= cores + 0.1
     echo = report.find("echo", engines[0])
     assert echo is not None and echo.p50_us is not None and echo.p99_us is not None
     assert 0 < echo.p50_us <= echo.p99_us

@@ -9,7 +9,8 @@ Cases, per engine:
   * ``echo``     round trips of 16-byte messages to an echo endpoint: p50 / p99.
 Floors: a bare memcpy of the same bytes (numpy, one bulk copy) and an eventfd
 ping-pong between two processes (the least any cross-process round trip costs).
-Backend and guest CPU shares come from /proc (utime+stime over the case's wall time);
+Backend and guest CPU shares come from /proc/PID/task/*/schedstat (CPU time over the
+case's wall time, so 1.0 is one core busy);
 the backend's peak RSS from its VmHWM.
 """
 
@@ -32,7 +33,6 @@ from .endpoints.builtin import Echo, Sink
 
 SINK, ECHO, CTL = 1024, 1025, 1026
 GUEST_ADDR = 2000
-_CLK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -153,9 +153,16 @@ def _server_main(path: str, engine: str, ready: Any) -> None:
 
 
 def _cpu_seconds(pid: int | str = "self") -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK
+    """CPU time of every thread of ``pid`` so far, in ns resolution (schedstat)."""
+    total = 0
+    task_dir = f"/proc/{pid}/task"
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that just ended
+    return total / 1e9
 
 
 def _peak_rss_mb(pid: int) -> float:

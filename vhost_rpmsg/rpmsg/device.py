@@ -37,7 +37,7 @@ VIRTIO_ID_RPMSG = 7
 VIRTIO_RPMSG_F_NS = 0
 TO_GUEST = 0  # vq 0, guest rx; the kernel API's VIRTIO_RPMSG_RESPONSE
 TO_HOST = 1  # vq 1, guest tx; the kernel API's VIRTIO_RPMSG_REQUEST
-BATCH = 64
+BATCH = 256  # at most a whole ring: per-batch costs amortise over many messages
 MAX_READ = rp.HDR_SIZE + 0xFFFF  # nothing longer can be a message (len is 16 bits)
 
 

@@ -311,3 +311,19 @@ def test_unix_bridge_lets_a_host_process_answer(serve, tmp_path) -> None:  # typ
         _wait(lambda: bridge.stats["too_large"] == 1)
         client.close()
         _wait(lambda: not bridge.clients)
+
+
+def test_send_many_is_all_or_nothing(serve) -> None:  # type: ignore[no-untyped-def]
+    r = serve(RpmsgDevice(outbox_limit=4))
+    dev: RpmsgDevice = r.device  # type: ignore[assignment]
+    g = r.guest(queue_size=8).start()
+    g.open(2000)
+    g.repost_rx = False  # 8 rx buffers, then the guest stops taking more
+    dev.send_many(1024, [(2000, b"%d" % i) for i in range(8 + 4)])  # 8 written, 4 queued
+    with pytest.raises(WouldBlock):
+        dev.send_many(1024, [(2000, b"x")])
+    assert dev.queued == 4
+    with pytest.raises(PayloadTooLarge):
+        dev.send_many(1024, [(2000, b"ok"), (2000, b"x" * 497)])
+    assert [g.recv(2000)[1] for _ in range(8)] == [b"%d" % i for i in range(8)]
+    g.close()

@@ -29,6 +29,11 @@ class Port:
         """Queue-or-send without waiting; raises WouldBlock when the outbox is full."""
         self.device.send_nowait(self.src, dst, data)
 
+    def send_many(self, messages: list[tuple[int, bytes]]) -> None:
+        """Several (dst, payload) messages in one pass over the ring; WouldBlock (all or
+        nothing) when they do not fit the outbox."""
+        self.device.send_many(self.src, messages)
+
     async def asend(self, dst: int, data: bytes) -> None:
         """Send, waiting (asynchronously) for room when the guest is not reading."""
         await self.device.asend(self.src, dst, data)

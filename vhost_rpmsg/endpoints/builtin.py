@@ -16,11 +16,9 @@ log = logging.getLogger(__name__)
 class Echo(Endpoint):
     """Sends every message back to its sender, unchanged."""
 
-    def on_batch(self, messages: list[tuple[int, bytes]]) -> None:
+    def on_message_batch(self, batch: MessageBatch) -> None:
         assert self.port is not None
-        send = self.port.send
-        for src, data in messages:
-            send(src, data)
+        self.port.send_many(list(batch))
 
     def on_message(self, src: int, data: bytes) -> None:
         assert self.port is not None

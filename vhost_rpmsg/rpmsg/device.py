@@ -101,6 +101,7 @@ class RpmsgDevice(VirtioDevice):
         self.name_service = name_service
         self.stats: Counter[str] = Counter()
         self.endpoints: dict[int, Endpoint] = {}
+        self._styles: dict[int, str] = {}  # host addr -> handler style, fixed at registration
         self.services: dict[int, str] = {}  # host addr -> announced name (in order)
         self.guest_services: dict[str, GuestService] = {}
         self.guest_ns_listeners: list[Callable[[rp.NsMessage], None]] = []
@@ -259,6 +260,7 @@ class RpmsgDevice(VirtioDevice):
             raise AddressInUse(f"host address {ep.addr} already has "
                                f"{self.endpoints[ep.addr].describe()}")
         self.endpoints[ep.addr] = ep
+        self._styles[ep.addr] = self._handler_style(ep)
         ep.bind(Port(self, ep.addr))
         if ep.name:
             self.announce(ep.name, ep.addr)
@@ -266,6 +268,7 @@ class RpmsgDevice(VirtioDevice):
 
     def remove_endpoint(self, addr: int) -> None:
         ep = self.endpoints.pop(addr)
+        self._styles.pop(addr, None)
         if addr in self.services:
             self.announce(self.services[addr], addr, rp.NsFlags.DESTROY)
         ep.close()
@@ -284,12 +287,15 @@ class RpmsgDevice(VirtioDevice):
         """Drain the to_host ring in batches: copy out, return buffers, dispatch."""
         while q.ready:
             with q.lock:
-                if self._outbox_full():
+                # Take no more guest messages than the outbox has room for: a handler
+                # answering each message once can then never overflow it.
+                room = min(BATCH, self.outbox_limit - len(self._outbox))
+                if room <= 0:
                     self._to_host_paused = True
                     self.stats["to_host_paused"] += 1
                     return
                 q.disable_kicks()
-                rb = q.pop_raw_batch(BATCH, MAX_READ)
+                rb = q.pop_raw_batch(room, MAX_READ)
                 if not rb.count:
                     if not q.enable_kicks():
                         return
@@ -298,7 +304,7 @@ class RpmsgDevice(VirtioDevice):
                 q.notify()
                 # A partial batch drained the ring: re-arm kicks now, not after one more
                 # (empty) pop; True means buffers raced in and we go round again.
-                drained = rb.count < BATCH and not q.enable_kicks()
+                drained = rb.count < room and not q.enable_kicks()
             self._dispatch(self._parse(rb))
             if drained:
                 return
@@ -335,18 +341,30 @@ class RpmsgDevice(VirtioDevice):
             else:
                 self._deliver(ep, run)
 
-    def _deliver(self, ep: Endpoint, run: MessageBatch) -> None:
+    @staticmethod
+    def _handler_style(ep: Endpoint) -> str:
+        """Which handler the device calls: the most batched one the endpoint overrides."""
         kind = type(ep)
         if inspect.iscoroutinefunction(ep.on_message):
+            return "async"
+        if kind.on_message_batch is not Endpoint.on_message_batch:
+            return "arrays"
+        if kind.on_batch is not Endpoint.on_batch:
+            return "pairs"
+        return "single"
+
+    def _deliver(self, ep: Endpoint, run: MessageBatch) -> None:
+        style = self._styles[ep.addr]
+        if style == "async":
             q = self._async_queue(ep)
             for item in run:
                 q.put_nowait(item)
-        elif kind.on_message_batch is not Endpoint.on_message_batch:
+        elif style == "arrays":
             try:
                 ep.on_message_batch(run)
             except Exception:
                 self._handler_failed(ep, len(run))
-        elif kind.on_batch is not Endpoint.on_batch:
+        elif style == "pairs":
             try:
                 ep.on_batch(list(run))
             except Exception:
@@ -404,6 +422,27 @@ class RpmsgDevice(VirtioDevice):
                                  "messages are queued")
             self._outbox.append(msg)
             self.stats["queued"] += 1
+
+    def send_many(self, src: int, messages: list[tuple[int, bytes]]) -> None:
+        """Send several (dst, payload) messages from ``src``: one pass over the ring, one
+        notification.  All or nothing: WouldBlock if they do not all fit the outbox."""
+        for _, data in messages:
+            if len(data) > rp.MAX_PAYLOAD:
+                self.stats["refused_too_large"] += 1
+                raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the guest's "
+                                      f"{rp.MAX_PAYLOAD}-byte limit")
+        encoded = [rp.encode_message(src, dst, bytes(data)) for dst, data in messages]
+        with self._cond:
+            if len(self._outbox) + len(encoded) > self.outbox_limit and (
+                    self._outbox or not self.guest_ready):
+                self.stats["would_block"] += 1
+                raise WouldBlock(f"{len(encoded)} messages do not fit the outbox "
+                                 f"({len(self._outbox)} of {self.outbox_limit} used)")
+            before = len(self._outbox)
+            self._outbox.extend(encoded)
+            self.flush()
+            # count what had to wait, as send_nowait does
+            self.stats["queued"] += max(0, len(self._outbox) - before)
 
     def send(self, src: int, dst: int, data: bytes, timeout: float | None = None) -> None:
         """Blocking send for threads other than the device's loop."""

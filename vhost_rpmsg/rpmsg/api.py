@@ -180,8 +180,9 @@ class VhostRpmsg:
     def _try_response(self, it: RpmsgIter) -> bool:
         dev = self.device
         q = dev.queues[TO_GUEST]
+        dev.flush()  # queued messages go first
         if dev._outbox or not dev.guest_ready:
-            return False  # keep order with queued messages; they go first
+            return False
         while True:
             chains = q.pop_batch(1)
             if not chains:

@@ -110,6 +110,7 @@ class RpmsgDevice(VirtioDevice):
         self._cond = threading.Condition(threading.RLock())
         self._room: asyncio.Event | None = None
         self._to_host_paused = False
+        self._flush_pending = False
         self._async_queues: dict[int, asyncio.Queue[tuple[int, bytes]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._rl = RateLimitedLog(log)
@@ -407,21 +408,26 @@ class RpmsgDevice(VirtioDevice):
         return len(self._outbox) >= max(self.outbox_limit, 1)
 
     def send_nowait(self, src: int, dst: int, data: bytes) -> None:
-        """Send now if the guest has an rx buffer, else queue; WouldBlock if the queue is full."""
+        """Queue a message for the guest; WouldBlock if the outbox is full.
+
+        Messages queued during one turn of the event loop reach the ring together at its
+        end (one pass, one notification); a full outbox is flushed at once to make room,
+        so WouldBlock means the guest really has no free rx buffer.
+        """
         if len(data) > rp.MAX_PAYLOAD:
             self.stats["refused_too_large"] += 1
             raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the guest's "
                                   f"{rp.MAX_PAYLOAD}-byte limit")
         msg = rp.encode_message(src, dst, bytes(data))
         with self._cond:
-            if not self._outbox and self.guest_ready and self._write_one(msg):
-                return
             if len(self._outbox) >= self.outbox_limit:
-                self.stats["would_block"] += 1
-                raise WouldBlock(f"guest has no free rx buffer and {len(self._outbox)} "
-                                 "messages are queued")
+                self.flush()
+                if len(self._outbox) >= self.outbox_limit:
+                    self.stats["would_block"] += 1
+                    raise WouldBlock(f"guest has no free rx buffer and {len(self._outbox)} "
+                                     "messages are queued")
             self._outbox.append(msg)
-            self.stats["queued"] += 1
+            self._flush_soon()
 
     def send_many(self, src: int, messages: list[tuple[int, bytes]]) -> None:
         """Send several (dst, payload) messages from ``src``: one pass over the ring, one
@@ -438,11 +444,8 @@ class RpmsgDevice(VirtioDevice):
                 self.stats["would_block"] += 1
                 raise WouldBlock(f"{len(encoded)} messages do not fit the outbox "
                                  f"({len(self._outbox)} of {self.outbox_limit} used)")
-            before = len(self._outbox)
             self._outbox.extend(encoded)
             self.flush()
-            # count what had to wait, as send_nowait does
-            self.stats["queued"] += max(0, len(self._outbox) - before)
 
     def send(self, src: int, dst: int, data: bytes, timeout: float | None = None) -> None:
         """Blocking send for threads other than the device's loop."""
@@ -471,17 +474,16 @@ class RpmsgDevice(VirtioDevice):
                 await self._room.wait()
 
     def _flush_soon(self) -> None:
+        """Flush at the end of this turn of the device's loop (once, however many sends)."""
         loop = self.loop
-        if loop is None:
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self.flush()
-        else:
-            loop.call_soon_threadsafe(self.flush)
+        if loop is None or self._flush_pending:
+            return  # no loop yet: the next guest session start flushes
+        self._flush_pending = True
+        loop.call_soon_threadsafe(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        self._flush_pending = False
+        self.flush()
 
     def flush(self) -> None:
         """Move queued messages into free rx buffers, in order."""
@@ -526,29 +528,6 @@ class RpmsgDevice(VirtioDevice):
             th = self.to_host
             if th is not None and th.ready:
                 self._service_to_host(th)
-
-    def _write_one(self, msg: bytes) -> bool:
-        """Write one message into the next rx buffer now; False if there is none."""
-        q = self.to_guest
-        if q is None or not q.ready:
-            return False
-        with q.lock:
-            while True:
-                chains = q.pop_batch(1)
-                if not chains:
-                    if q.enable_kicks():
-                        continue
-                    return False
-                c = chains[0]
-                n = self._fill(q, c, msg)
-                if n is None:
-                    if c.returnable:
-                        q.push_batch([(c.head, 0)])
-                    continue
-                q.push_batch([(c.head, n)])
-                q.notify()
-                self.stats["to_guest_messages"] += 1
-                return True
 
     def _fill(self, q: SplitQueue, c: Chain, msg: bytes) -> int | None:
         """Copy ``msg`` into rx chain ``c``; None if the chain cannot take it."""

@@ -87,11 +87,12 @@ class GuestRun:
     seconds: float
 
 
-def boot(server: Server, script: str, timeout: int = 240) -> GuestRun:
+def boot(server: Server, script: str, timeout: int = 240, mmio: bool = False) -> GuestRun:
     """Boot the guest against ``server``, run ``script`` in it, return its console."""
     t0 = time.monotonic()
     p = subprocess.run(["bash", str(RUN_GUEST), "--socket", server.path,
-                        "--timeout", str(timeout), "--append-cmd", script],
+                        "--timeout", str(timeout), "--append-cmd", script,
+                        *(["--mmio"] if mmio else [])],
                        capture_output=True, text=True, timeout=timeout + 60)
     out = p.stdout + p.stderr
     return GuestRun(p.returncode, out, time.monotonic() - t0)
@@ -152,6 +153,12 @@ def test_driver_rebind_reannounces(server: Server) -> None:
     _ok(run, server)
     assert "ECHO-OK 200" in run.out
     assert server.text().count("guest ready:") >= 2  # a second guest session, announced
+
+
+def test_mmio_transport(server: Server) -> None:
+    run = boot(server, "rpmsg-chan echo 1000", mmio=True)
+    _ok(run, server)
+    assert "ECHO-OK 1000" in run.out
 
 
 def test_guest_reboot_with_server_kept(server: Server) -> None:

@@ -264,7 +264,9 @@ def qemu_cmdline(
     """Print a QEMU command line that attaches a guest to the server."""
     args = [qemu]
     if mmio:
-        args += ["-machine", "microvm,memory-backend=mem"]
+        # virtio-mmio is legacy (v1) by default; modern gives VERSION_1 as on PCI.
+        args += ["-machine", "microvm,memory-backend=mem,rtc=on",
+                 "-global", "virtio-mmio.force-legacy=off"]
     else:
         args += ["-machine", "q35,memory-backend=mem"]
     args += ["-accel", "kvm:tcg", "-cpu", "max", "-m", memory,

@@ -125,6 +125,12 @@ int64_t vr_gather(const vr_region *regions, uint32_t nregions, const uint64_t *s
                   uint32_t nsegs, uint64_t offset, uint64_t want, uint8_t *out);
 int64_t vr_scatter(const vr_region *regions, uint32_t nregions, const uint64_t *segs,
                    uint32_t nsegs, uint64_t offset, const uint8_t *src, uint64_t len);
+#define VR_MSG_SHORT ...
+#define VR_MSG_TOO_LONG ...
+int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
+                       const int64_t *lengths, const uint8_t *skip, int64_t n,
+                       uint32_t *src, uint32_t *dst, int64_t *poff, int64_t *plen,
+                       int64_t *bad_idx, uint8_t *bad_why, int64_t *nbad);
 """
 
 

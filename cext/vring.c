@@ -525,3 +525,47 @@ int64_t vr_scatter(const vr_region *regions, uint32_t nregions, const uint64_t *
     }
     return total;
 }
+
+
+static inline uint32_t vr_le32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+	       ((uint32_t)p[3] << 24);
+}
+
+int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
+		       const int64_t *lengths, const uint8_t *skip, int64_t n,
+		       uint32_t *src, uint32_t *dst, int64_t *poff, int64_t *plen,
+		       int64_t *bad_idx, uint8_t *bad_why, int64_t *nbad)
+{
+	int64_t good = 0, bad = 0;
+
+	for (int64_t i = 0; i < n; i++) {
+		int64_t off = offsets[i], len = lengths[i];
+
+		if (skip && skip[i])
+			continue;
+		if (off < 0 || len < 0 || (uint64_t)off > data_len ||
+		    (uint64_t)len > data_len - (uint64_t)off)
+			return -1;
+		if (len < 16) {
+			bad_idx[bad] = i;
+			bad_why[bad++] = VR_MSG_SHORT;
+			continue;
+		}
+		const uint8_t *h = data + off;
+		int64_t payload = (int64_t)((uint32_t)h[12] | ((uint32_t)h[13] << 8));
+		if (payload > len - 16) {
+			bad_idx[bad] = i;
+			bad_why[bad++] = VR_MSG_TOO_LONG;
+			continue;
+		}
+		src[good] = vr_le32(h);
+		dst[good] = vr_le32(h + 4);
+		poff[good] = off + 16;
+		plen[good] = payload;
+		good++;
+	}
+	*nbad = bad;
+	return good;
+}

@@ -12,6 +12,12 @@ from vhost_rpmsg.rpmsg import batch as B
 from vhost_rpmsg.rpmsg import codec as rp
 from vhost_rpmsg.virtqueue import ChainError, RawBatch
 
+try:
+    import vhost_rpmsg._vring_c  # noqa: F401
+    NATIVE = True
+except ImportError:  # the cffi tests elsewhere fail under VHOST_RPMSG_REQUIRE_CFFI=1
+    NATIVE = False
+
 message = st.one_of(
     # well formed: header + payload, maybe trailing bytes after the declared length
     st.builds(lambda src, dst, p, extra: rp.encode_message(src, dst, p) + extra,
@@ -44,12 +50,18 @@ def test_vector_and_small_paths_agree(items: list[tuple[bytes, int, bool]]) -> N
     old = B.VECTOR_MIN
     try:
         B.VECTOR_MIN = 10**9
-        small = _flat(B.parse(rb))
+        small = B.parse(rb)
         B.VECTOR_MIN = 1
-        vector = _flat(B.parse(rb))
+        vector = B.parse(rb)
     finally:
         B.VECTOR_MIN = old
-    assert small == vector
+    assert _flat(small) == _flat(vector)
+    assert small.bad_messages == vector.bad_messages  # same reasons, word for word
+    if NATIVE:
+        native = B.parse(rb, native=True)
+        assert _flat(native) == _flat(small)
+        assert native.bad_messages == small.bad_messages
+    small = _flat(small)
     # and both match a plain decode of each good chain
     expect = []
     for m, e, w in items:
@@ -63,22 +75,27 @@ def test_vector_and_small_paths_agree(items: list[tuple[bytes, int, bool]]) -> N
     assert small[0] == expect
 
 
-def test_runs_split_by_destination_in_order() -> None:
+@pytest.mark.parametrize("path", ["vector", "small", "native"])
+def test_runs_split_by_destination_in_order(path: str) -> None:
+    if path == "native" and not NATIVE:
+        pytest.skip("cffi extension not built")
     msgs = [rp.encode_message(9, d, b"%d" % i) for i, d in enumerate([5, 5, 6, 5, 5, 5])]
-    for vector_min in (1, 100):
-        B.VECTOR_MIN, old = vector_min, B.VECTOR_MIN
-        try:
-            p = B.parse(_raw(msgs, [0] * 6, [False] * 6))
-        finally:
-            B.VECTOR_MIN = old
-        assert [(r.dst, len(r)) for r in p.runs] == [(5, 2), (6, 1), (5, 3)]
-        assert [d for r in p.runs for _, d in r] == [b"%d" % i for i in range(6)]
-        assert p.runs[2].total_bytes() == 3
+    B.VECTOR_MIN, old = (1 if path == "vector" else 100), B.VECTOR_MIN
+    try:
+        p = B.parse(_raw(msgs, [0] * 6, [False] * 6), native=path == "native")
+    finally:
+        B.VECTOR_MIN = old
+    assert [(r.dst, len(r)) for r in p.runs] == [(5, 2), (6, 1), (5, 3)]
+    assert [d for r in p.runs for _, d in r] == [b"%d" % i for i in range(6)]
+    assert p.runs[2].total_bytes() == 3
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("err", [ChainError.LOOP, ChainError.ADDR_OUT_OF_BOUNDS])
-def test_bad_chains_are_reported(err: ChainError) -> None:
+def test_bad_chains_are_reported(err: ChainError, native: bool) -> None:
+    if native and not NATIVE:
+        pytest.skip("cffi extension not built")
     p = B.parse(_raw([rp.encode_message(1, 2, b"x"), b"", rp.encode_message(1, 2, b"y")],
-                     [0, int(err), 0], [False, False, True]))
+                     [0, int(err), 0], [False, False, True]), native=native)
     assert p.bad_chains == [1, 2]
     assert [d for r in p.runs for _, d in r] == [b"x"]

@@ -72,18 +72,26 @@ class Parsed:
     bad_messages: list[tuple[int, str]]  # (chain index, why) for unparseable messages
 
 
-def parse(rb: RawBatch) -> Parsed:
-    """Split ``rb`` into per-destination runs of valid messages, in ring order."""
+def parse(rb: RawBatch, native: bool = False) -> Parsed:
+    """Split ``rb`` into per-destination runs of valid messages, in ring order.
+
+    ``native``: check the headers in C (the cffi engine's path); otherwise in numpy
+    (large batches) or struct (small ones).  All three give the same result.
+    """
     bad_chains: list[int] = []
+    skip = None
     if rb.nbad or rb.nwritable:
         ok = (rb.errors == 0) & ~rb.has_writable
         bad_chains = np.flatnonzero(~ok).tolist()
         idx = np.flatnonzero(ok)
+        skip = ~ok
     else:
         idx = None  # all good
     n = rb.count - len(bad_chains)
     if n == 0:
         return Parsed([], bad_chains, [])
+    if native:
+        return _parse_native(rb, skip, bad_chains)
     if n < VECTOR_MIN:
         return _parse_small(rb, idx, bad_chains)
     offsets = rb.offsets if idx is None else rb.offsets[idx]
@@ -107,16 +115,58 @@ def parse(rb: RawBatch) -> Parsed:
             bad_messages.append((int(chain_ids[k]), why))
         keep = ~bad
         hdr, offsets, plen = hdr[keep], offsets[keep], plen[keep]
-    dsts = hdr["dst"]
-    srcs = hdr["src"]
-    starts = offsets + rp.HDR_SIZE
-    runs = []
-    if len(dsts):
-        cuts = np.flatnonzero(dsts[1:] != dsts[:-1]) + 1
-        bounds = [0, *cuts.tolist(), len(dsts)]
-        for a, b in itertools.pairwise(bounds):
-            runs.append(MessageBatch(rb.data, int(dsts[a]), srcs[a:b], starts[a:b], plen[a:b]))
-    return Parsed(runs, bad_chains, bad_messages)
+    return Parsed(_runs(rb.data, hdr["src"], hdr["dst"], offsets + rp.HDR_SIZE, plen),
+                  bad_chains, bad_messages)
+
+
+def _runs(data: bytes, srcs: np.ndarray, dsts: np.ndarray, starts: np.ndarray,
+          plen: np.ndarray) -> list[MessageBatch]:
+    """Cut the messages where the destination changes."""
+    n = len(dsts)
+    if not n:
+        return []
+    if dsts[0] == dsts[n - 1] and (dsts == dsts[0]).all():
+        return [MessageBatch(data, int(dsts[0]), srcs, starts, plen)]
+    cuts = np.flatnonzero(dsts[1:] != dsts[:-1]) + 1
+    bounds = [0, *cuts.tolist(), n]
+    return [MessageBatch(data, int(dsts[a]), srcs[a:b], starts[a:b], plen[a:b])
+            for a, b in itertools.pairwise(bounds)]
+
+
+def _why(rb: RawBatch, i: int, short: bool) -> str:
+    n = int(rb.lengths[i])
+    if short:
+        return f"{n} bytes cannot hold a {rp.HDR_SIZE}-byte header"
+    o = int(rb.offsets[i])
+    declared = int.from_bytes(rb.data[o + 12 : o + 14], "little")
+    return f"header says {declared} payload bytes, buffer holds {n - rp.HDR_SIZE}"
+
+
+def _parse_native(rb: RawBatch, skip: np.ndarray | None, bad_chains: list[int]) -> Parsed:
+    from .._vring_c import ffi, lib
+
+    n = rb.count
+    src = np.empty(n, np.uint32)
+    dst = np.empty(n, np.uint32)
+    poff = np.empty(n, np.int64)
+    plen = np.empty(n, np.int64)
+    bad_idx = np.empty(n, np.int64)
+    bad_why = np.empty(n, np.uint8)
+    nbad = ffi.new("int64_t *")
+    good = lib.vr_rpmsg_split(
+        ffi.from_buffer(rb.data), len(rb.data),
+        ffi.from_buffer("int64_t[]", rb.offsets), ffi.from_buffer("int64_t[]", rb.lengths),
+        ffi.from_buffer("uint8_t[]", skip.view(np.uint8)) if skip is not None else ffi.NULL,
+        n, ffi.from_buffer("uint32_t[]", src), ffi.from_buffer("uint32_t[]", dst),
+        ffi.from_buffer("int64_t[]", poff), ffi.from_buffer("int64_t[]", plen),
+        ffi.from_buffer("int64_t[]", bad_idx), ffi.from_buffer("uint8_t[]", bad_why), nbad)
+    if good < 0:
+        raise ValueError("raw batch offsets and lengths do not fit its data")
+    bad_messages = [(i, _why(rb, i, w == lib.VR_MSG_SHORT))
+                    for i, w in zip(bad_idx[: nbad[0]].tolist(), bad_why[: nbad[0]].tolist(),
+                                    strict=True)]
+    return Parsed(_runs(rb.data, src[:good], dst[:good], poff[:good], plen[:good]),
+                  bad_chains, bad_messages)
 
 
 def _parse_small(rb: RawBatch, idx: np.ndarray | None, bad_chains: list[int]) -> Parsed:

@@ -111,6 +111,7 @@ class RpmsgDevice(VirtioDevice):
         self._room: asyncio.Event | None = None
         self._to_host_paused = False
         self._flush_pending = False
+        self._native_parse = False
         self._async_queues: dict[int, asyncio.Queue[tuple[int, bytes]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._rl = RateLimitedLog(log)
@@ -128,6 +129,9 @@ class RpmsgDevice(VirtioDevice):
 
     def attach(self, queues: list[SplitQueue], loop: Any) -> None:
         super().attach(queues, loop)
+        # The cffi engine's queues come with the C header check; the python engine keeps
+        # the whole path in Python.
+        self._native_parse = bool(queues) and queues[0].engine == "cffi"
         with self._cond:
             self.guest_ready = False
 
@@ -312,7 +316,7 @@ class RpmsgDevice(VirtioDevice):
 
     def _parse(self, rb: RawBatch) -> Parsed:
         """Parse a raw batch; count and log (rate-limited) whatever was not a message."""
-        parsed = parse(rb)
+        parsed = parse(rb, native=self._native_parse)
         for i in parsed.bad_chains:
             self.stats["bad_chains"] += 1
             err = ChainError(int(rb.errors[i]))

@@ -9,6 +9,8 @@ Cases, per engine:
   * ``echo``     round trips of 16-byte messages to an echo endpoint: p50 / p99.
 Floors: a bare memcpy of the same bytes (numpy, one bulk copy) and an eventfd
 ping-pong between two processes (the least any cross-process round trip costs).
+With ``pin``, server and guest (and the two ping-pong processes) run on different CPUs;
+by default the scheduler places them, as it would in use.
 Backend and guest CPU shares come from /proc/PID/task/*/schedstat (CPU time over the
 case's wall time, so 1.0 is one core busy);
 the backend's peak RSS from its VmHWM.
@@ -125,7 +127,20 @@ class BenchControl(Endpoint):
                 await device.asend(self.addr, dst, payload)
 
 
-def _server_main(path: str, engine: str, ready: Any) -> None:
+def _pin(cpu: int | None) -> None:
+    """Keep this process on one CPU, so server and guest do not share (and preempt)
+    one core: each wake-up would otherwise run the woken side before the waker resumes."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def _cpus(pin: bool) -> tuple[int | None, int | None]:
+    """(server CPU, guest CPU): two different ones where asked and available."""
+    avail = sorted(os.sched_getaffinity(0))
+    return (avail[0], avail[1]) if pin and len(avail) >= 2 else (None, None)
+
+
+def _server_main(path: str, engine: str, ready: Any, cpu: int | None = None) -> None:
     import asyncio
     import signal
 
@@ -133,6 +148,7 @@ def _server_main(path: str, engine: str, ready: Any) -> None:
     from .rpmsg.device import RpmsgDevice
     from .vhost_user.server import VhostUserServer, listen_unix
 
+    _pin(cpu)
     sink = Sink(SINK)
     device = RpmsgDevice([sink, Echo(ECHO), BenchControl(CTL, sink)], outbox_limit=1024)
     server = VhostUserServer(device, listen_unix(path), queue_factory=queue_factory(engine))
@@ -174,9 +190,10 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messages: int,
-                samples: int, out: Any) -> None:
+                samples: int, out: Any, cpu: int | None = None) -> None:
     from .guest import SimGuest
 
+    _pin(cpu)
     results: list[dict[str, Any]] = []
     with SimGuest(path, rx_thread=False) as g:
         g.open(GUEST_ADDR)
@@ -246,20 +263,24 @@ def memcpy_floor(size: int, messages: int) -> float:
     return messages / best
 
 
-def _pong(a: int, b: int, n: int) -> None:
+def _pong(a: int, b: int, n: int, cpu: int | None) -> None:
+    _pin(cpu)
     for _ in range(n):
         select.select([a], [], [])
         os.eventfd_read(a)
         os.eventfd_write(b, 1)
 
 
-def eventfd_pingpong_floor(samples: int) -> tuple[float, float]:
+def eventfd_pingpong_floor(samples: int, pin: bool = False) -> tuple[float, float]:
     """p50 / p99 round trip (µs) of an eventfd ping-pong between two processes."""
     a = os.eventfd(0, os.EFD_NONBLOCK)
     b = os.eventfd(0, os.EFD_NONBLOCK)
+    server_cpu, guest_cpu = _cpus(pin)
     ctx = mp.get_context("fork")
-    p = ctx.Process(target=_pong, args=(a, b, samples))
+    p = ctx.Process(target=_pong, args=(a, b, samples, server_cpu))
     p.start()
+    mask = os.sched_getaffinity(0)
+    _pin(guest_cpu)
     lat = []
     for _ in range(samples):
         t0 = time.perf_counter()
@@ -268,6 +289,7 @@ def eventfd_pingpong_floor(samples: int) -> tuple[float, float]:
         os.eventfd_read(b)
         lat.append(time.perf_counter() - t0)
     p.join()
+    os.sched_setaffinity(0, mask)
     os.close(a)
     os.close(b)
     lat.sort()
@@ -278,17 +300,20 @@ def eventfd_pingpong_floor(samples: int) -> tuple[float, float]:
 
 
 def run(engines: list[str], sizes: list[int], messages: int, samples: int,
-        progress: Callable[[str], None] = lambda s: None) -> Report:
+        progress: Callable[[str], None] = lambda s: None, pin: bool = False) -> Report:
     """Run every case for every engine; floors measured in the same run."""
     import platform
 
     report = Report(machine={"cpus": os.cpu_count(), "python": platform.python_version()})
     ctx = mp.get_context("spawn")
+    server_cpu, guest_cpu = _cpus(pin)
+    report.machine["pinned"] = {"server": server_cpu, "guest": guest_cpu}
     for engine in engines:
         with tempfile.TemporaryDirectory(prefix="vhost-rpmsg-bench-") as tmp:
             path = os.path.join(tmp, "bench.sock")
             ready = ctx.Event()
-            server = ctx.Process(target=_server_main, args=(path, engine, ready), daemon=True)
+            server = ctx.Process(target=_server_main, args=(path, engine, ready, server_cpu),
+                                 daemon=True)
             server.start()
             if not ready.wait(30):
                 server.kill()
@@ -297,7 +322,7 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
             recv, send = ctx.Pipe(duplex=False)
             assert server.pid is not None
             guest = ctx.Process(target=_guest_main, args=(
-                path, server.pid, engine, sizes, messages, samples, send))
+                path, server.pid, engine, sizes, messages, samples, send, guest_cpu))
             guest.start()
             if not recv.poll(600):
                 guest.kill()
@@ -312,7 +337,7 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
     progress("floors: memcpy and eventfd ping-pong")
     for size in sizes:
         report.floors[f"memcpy{size}_msgs_per_s"] = memcpy_floor(size, max(messages, 10000))
-    p50, p99 = eventfd_pingpong_floor(max(samples, 1000))
+    p50, p99 = eventfd_pingpong_floor(max(samples, 1000), pin)
     report.floors["eventfd_pingpong_p50_us"] = p50
     report.floors["eventfd_pingpong_p99_us"] = p99
     return report

@@ -219,6 +219,7 @@ def bench(
     samples: Annotated[int, typer.Option(help="echo round trips for latency")] = 5_000,
     json_out: Annotated[str | None, typer.Option("--json", help="also write results here")]
         = None,
+    pin: Annotated[bool, typer.Option(help="run server and guest on different CPUs")] = False,
     log_level: LogLevel = "warning",
 ) -> None:
     """Measure throughput and latency: server and simulated guest as separate processes."""
@@ -241,7 +242,7 @@ def bench(
                   console=console, transient=True) as progress:
         task = progress.add_task("starting", total=None)
         report = b.run(wanted, size_list, messages, samples,
-                       progress=lambda s: progress.update(task, description=s))
+                       progress=lambda s: progress.update(task, description=s), pin=pin)
     for table in b.render(report):
         console.print(table)
     if json_out:

@@ -75,8 +75,8 @@ class Parsed:
 def parse(rb: RawBatch, native: bool = False) -> Parsed:
     """Split ``rb`` into per-destination runs of valid messages, in ring order.
 
-    ``native``: check the headers in C (the cffi engine's path); otherwise in numpy
-    (large batches) or struct (small ones).  All three give the same result.
+    Small batches use struct; large ones C (``native``, the cffi engine's path) or numpy.
+    All three give the same result.
     """
     bad_chains: list[int] = []
     skip = None
@@ -90,10 +90,10 @@ def parse(rb: RawBatch, native: bool = False) -> Parsed:
     n = rb.count - len(bad_chains)
     if n == 0:
         return Parsed([], bad_chains, [])
+    if n < VECTOR_MIN:  # setting up arrays costs more than a few struct unpacks
+        return _parse_small(rb, idx, bad_chains)
     if native:
         return _parse_native(rb, skip, bad_chains)
-    if n < VECTOR_MIN:
-        return _parse_small(rb, idx, bad_chains)
     offsets = rb.offsets if idx is None else rb.offsets[idx]
     lengths = rb.lengths if idx is None else rb.lengths[idx]
     chain_ids = np.arange(rb.count) if idx is None else idx

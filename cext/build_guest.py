@@ -33,6 +33,15 @@ CDEF = """
 #define GR_RX_OTHER ...
 #define GR_RX_BAD_LEN ...
 #define GR_RX_BAD_HDR ...
+#define GR_TX_DONE ...
+#define GR_TX_WAIT ...
+#define GR_TX_PY_RECLAIM ...
+#define GR_TX_PY_FILL ...
+#define GR_TX_OS_ERROR ...
+#define GR_TX_TOP ...
+#define GR_TX_GOT ...
+#define GR_TX_WAIT_LOOP ...
+#define GR_TX_AFTER_SELECT ...
 
 typedef struct gr_ring {
     uint8_t *ram;
@@ -43,6 +52,36 @@ typedef struct gr_ring {
     uint32_t size;
     uint32_t event_idx;
 } gr_ring;
+
+typedef struct gr_tx {
+    uint32_t *free;
+    uint32_t nfree;
+    uint32_t free_cap;
+    uint64_t *bufs;
+    uint32_t nbufs;
+    uint32_t buf_cap;
+    uint32_t *chain_len;
+    int64_t *inflight;
+    uint32_t *heads;
+    uint32_t nout;
+    uint32_t ninfl;
+    uint16_t avail_idx;
+    uint16_t last_kicked;
+    uint16_t last_used;
+    const uint8_t *msg;
+    uint32_t len;
+    uint64_t left;
+    int32_t call_fd;
+    int32_t kick_fd;
+    uint32_t want_irq;
+    uint32_t phase;
+    uint32_t wait_new;
+    uint32_t batch;
+    int32_t err;
+    uint64_t sent;
+    uint64_t kicks;
+    uint64_t interrupts;
+} gr_tx;
 
 typedef struct gr_rx {
     uint32_t n;
@@ -69,8 +108,11 @@ int32_t gr_used_read(const gr_ring *r, uint16_t last_used, uint32_t cap, uint32_
                      uint32_t *lens);
 int gr_publish(const gr_ring *r, uint16_t old_idx, uint16_t new_idx);
 int gr_enable_interrupts(const gr_ring *r, uint16_t last_used);
-int32_t gr_tx_fill(const gr_ring *r, uint16_t avail_idx, const uint8_t *msg, uint32_t len,
-                   const uint64_t *gpas, const uint32_t *ids, uint32_t n);
+int gr_tx_load(const gr_ring *r, gr_tx *t, uint32_t m, const uint32_t *keys,
+               const uint32_t *lens, uint32_t mi, const uint32_t *ikeys, const int64_t *gpas);
+int gr_tx_run(const gr_ring *r, gr_tx *t);
+void gr_tx_store(const gr_ring *r, const gr_tx *t, uint32_t *keys, uint32_t *lens,
+                 uint32_t *ikeys, int64_t *gpas);
 int gr_rx_process(const gr_ring *r, gr_rx *x);
 """
 

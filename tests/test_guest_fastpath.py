@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import select as select_mod
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ import numpy as np
 import pytest
 
 from vhost_rpmsg.endpoints.builtin import Echo, Sink, Source
-from vhost_rpmsg.guest import GuestTimeout, SimGuest, fastpath
+from vhost_rpmsg.guest import GuestTimeout, SimGuest, fastpath, rpmsg_guest
 from vhost_rpmsg.guest.frontend import GuestRam
 from vhost_rpmsg.guest.ring import RingLayout
 from vhost_rpmsg.guest.rpmsg_guest import MAX_BUFS, RX, TX, VIRTIO_RPMSG_F_NS
@@ -270,11 +271,58 @@ class Twins:
             g.disconnect()
 
 
+class RigClock:
+    """time.monotonic and select.select for the rig guests: sleeping costs no real time,
+    and a guest out of tx buffers sleeps where the scripted device can act.
+
+    hooks[fd]() runs when a guest selects on ``fd``: True if the device did something
+    (the guest wakes at once), else the guest sleeps its whole timeout (the clock
+    advances by it) unless the fd is ready already."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.hooks: dict[int, Callable[[], bool]] = {}
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def select(self, r: list[int], w: list[int], x: list[int],
+               timeout: float | None = None) -> tuple[list[int], list[int], list[int]]:
+        for fd in r:
+            hook = self.hooks.get(fd)
+            if hook is not None and hook():
+                break
+        ready = _real_select(r, w, x, 0)
+        if not any(ready):
+            self.now += timeout or 0.0
+        return ready
+
+
+_real_select = select_mod.select
+
+
+@pytest.fixture
+def rig_clock(monkeypatch: pytest.MonkeyPatch) -> RigClock:
+    clock = RigClock()
+    for mod in (fastpath, rpmsg_guest):
+        monkeypatch.setattr(mod, "time", clock)
+        monkeypatch.setattr(mod, "select", clock)
+    return clock
+
+
 @pytest.fixture
 def counting_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """How often the C rx drain and tx fill really ran (rather than handing to Python)."""
-    calls = {"rx": 0, "tx": 0}
-    rx, tx = fastpath.GuestFastPath._rx_drain, fastpath.GuestFastPath.tx_fill
+    """How often the C rx drain and the C tx bursts really ran (rather than handing to
+    Python), and how often a C burst handed a step to the Python path.  Every burst is
+    offered to C (TX_C_MIN 1), however small."""
+    calls = {"rx": 0, "tx": 0, "tx_messages": 0, "py_reclaim": 0, "py_fill": 0}
+    rx, tx = fastpath.GuestFastPath._rx_drain, fastpath.GuestFastPath.send_burst
+    run, store = fastpath.GuestFastPath._tx_run, fastpath.GuestFastPath._tx_store
+    reclaim_used, fill_tx = SimGuest._reclaim_used, SimGuest._fill_tx
+    in_c = [False]
 
     def rx_drain(self: fastpath.GuestFastPath, s: Any, r: Any, g: SimGuest,
                  ring: Any) -> bool:
@@ -283,18 +331,59 @@ def counting_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         calls["rx"] += done and ring.last_used != before
         return done
 
-    def tx_fill(self: fastpath.GuestFastPath, *a: Any) -> bool:
+    def send_burst(self: fastpath.GuestFastPath, *a: Any) -> bool:
         done = tx(self, *a)
         calls["tx"] += done
         return done
 
+    def tx_run(self: fastpath.GuestFastPath, *a: Any) -> None:
+        in_c[0] = True
+        try:
+            run(self, *a)
+        finally:
+            in_c[0] = False
+
+    def tx_store(self: fastpath.GuestFastPath, *a: Any) -> None:
+        calls["tx_messages"] += self.txs.t.sent
+        store(self, *a)
+
+    def py_reclaim(g: SimGuest) -> None:
+        calls["py_reclaim"] += in_c[0]  # a step a C burst handed to Python
+        reclaim_used(g)
+
+    def py_fill(g: SimGuest, *a: Any) -> None:
+        calls["py_fill"] += in_c[0]
+        fill_tx(g, *a)
+
+    monkeypatch.setattr(fastpath, "TX_C_MIN", 1)
     monkeypatch.setattr(fastpath.GuestFastPath, "_rx_drain", rx_drain)
-    monkeypatch.setattr(fastpath.GuestFastPath, "tx_fill", tx_fill)
+    monkeypatch.setattr(fastpath.GuestFastPath, "send_burst", send_burst)
+    monkeypatch.setattr(fastpath.GuestFastPath, "_tx_run", tx_run)
+    monkeypatch.setattr(fastpath.GuestFastPath, "_tx_store", tx_store)
+    monkeypatch.setattr(SimGuest, "_reclaim_used", py_reclaim)
+    monkeypatch.setattr(SimGuest, "_fill_tx", py_fill)
     return calls
 
 
+def device_returns(d: Device, k: int, m: float, shuffle: bool, bogus: bool,
+                   order_seed: float, lengths: list[int], queue_size: int) -> None:
+    """The device takes up to k more tx chains and returns the share m of those it holds
+    (shuffled, with a head twice or one that is no descriptor if bogus)."""
+    d.pop(TX, k, keep=True)
+    n = int(len(d.taken[TX]) * m)
+    back, d.taken[TX] = d.taken[TX][:n], d.taken[TX][n:]
+    if shuffle:
+        random.Random(order_seed).shuffle(back)
+    entries = list(zip(back, lengths, strict=False))
+    if bogus and entries:
+        entries.insert(len(entries) // 2, (entries[0][0], 7))  # twice
+    if bogus and not entries:
+        entries = [(queue_size + 3, 0)]  # not a descriptor
+    d.push(TX, entries)
+
+
 def scenario(seed: int, queue_size: int, event_idx: bool, tx_interrupts: bool,
-             hostile: bool, steps: int) -> None:
+             hostile: bool, steps: int, clock: RigClock) -> None:
     rnd = random.Random(seed)
     tw = Twins(queue_size, event_idx, tx_interrupts)
     try:
@@ -303,7 +392,8 @@ def scenario(seed: int, queue_size: int, event_idx: bool, tx_interrupts: bool,
         spare = g0.ram.alloc(4096, 4096)
         assert tw.guests[0].ram is not None and tw.guests[0].ram.alloc(4096, 4096) == spare
         for step in range(steps):
-            op = rnd.choice(["burst"] * 6 + ["send", "dev_tx"] * 3 + ["dev_rx"] * 6
+            op = rnd.choice(["burst"] * 6 + ["burst_wait"] * 3 + ["send", "dev_tx"] * 3
+                            + ["dev_rx"] * 6
                             + ["rx_poll", "wish", "reclaim", "send_chain", "rx_chain",
                                "repost", "interrupt"])
             where = f"seed {seed} step {step} {op}"
@@ -318,29 +408,48 @@ def scenario(seed: int, queue_size: int, event_idx: bool, tx_interrupts: bool,
             elif op == "send":
                 small = rnd.randbytes(rnd.randrange(0, 60))
                 tw.run(where, lambda g, d, p=small: g.send(1500, 1024, p, timeout=0.001))
+            elif op == "burst_wait":
+                # more than fits: the guest runs out and sleeps, and the device returns
+                # some of what it holds (or nothing, or bogus entries) each time, with
+                # or without an interrupt, until its script ends (then a timeout)
+                count = len(g0.tx_free) + _tx_returned(g0) + rnd.randrange(1, 3 * queue_size)
+                payload = rnd.randbytes(rnd.choice([0, 16, 496]))
+                acts = [(rnd.randrange(0, queue_size + 1), rnd.choice([0.0, 0.3, 1.0, 1.0]),
+                         rnd.random() < 0.3, hostile and rnd.random() < 0.1, rnd.random(),
+                         [rnd.randrange(0, 1000) for _ in range(queue_size * 2)],
+                         rnd.random() < 0.7)
+                        for _ in range(rnd.randrange(0, 8))]
+
+                def burst_wait(g: SimGuest, d: Device, count: int = count,
+                               payload: bytes = payload, acts: list[Any] = acts) -> None:
+                    script = list(acts)
+
+                    def wake() -> bool:
+                        if not script:
+                            return False
+                        k, m, shuffle, bogus, order_seed, lengths, irq = script.pop(0)
+                        device_returns(d, k, m, shuffle, bogus, order_seed, lengths,
+                                       queue_size)
+                        if irq:
+                            os.eventfd_write(g.call[TX], 1)
+                        return True
+
+                    clock.hooks[g.call[TX]] = wake
+                    try:
+                        g.send_burst(1500, 1024, payload, count, timeout=0.01)
+                    finally:
+                        del clock.hooks[g.call[TX]]
+
+                tw.run(where, burst_wait)
             elif op == "dev_tx":
                 k, m = rnd.randrange(0, queue_size + 1), rnd.random()
                 shuffle = rnd.random() < 0.3
                 bogus = hostile and rnd.random() < 0.15
                 order_seed = rnd.random()
                 lengths = [rnd.randrange(0, 1000) for _ in range(queue_size * 2)]
-
-                def dev_tx(g: SimGuest, d: Device, k: int = k, m: float = m,
-                           shuffle: bool = shuffle, bogus: bool = bogus,
-                           order_seed: float = order_seed, lengths: list[int] = lengths) -> None:
-                    d.pop(TX, k, keep=True)
-                    n = int(len(d.taken[TX]) * m)
-                    back, d.taken[TX] = d.taken[TX][:n], d.taken[TX][n:]
-                    if shuffle:
-                        random.Random(order_seed).shuffle(back)
-                    entries = list(zip(back, lengths, strict=False))
-                    if bogus and entries:
-                        entries.insert(len(entries) // 2, (entries[0][0], 7))  # twice
-                    if bogus and not entries:
-                        entries = [(queue_size + 3, 0)]  # not a descriptor
-                    d.push(TX, entries)
-
-                tw.run(where, dev_tx)
+                tw.run(where, lambda g, d, k=k, m=m, shuffle=shuffle, bogus=bogus,
+                       order_seed=order_seed, lengths=lengths: device_returns(
+                           d, k, m, shuffle, bogus, order_seed, lengths, queue_size))
             elif op == "dev_rx":
                 k = rnd.randrange(0, queue_size + 1)
                 msgs = [rx_message(rnd) for _ in range(queue_size)]
@@ -425,14 +534,72 @@ CONFIGS = [
     c[0], "evidx" if c[1] else "flags", "txirq" if c[2] else "notxirq",
     "hostile" if c[3] else "benign"))
 def test_differential(config: tuple[int, bool, bool, bool], seed: int,
-                      counting_calls: dict[str, int]) -> None:
+                      counting_calls: dict[str, int], rig_clock: RigClock) -> None:
     queue_size, event_idx, tx_interrupts, hostile = config
     scenario(seed * 1000 + queue_size, queue_size, event_idx, tx_interrupts, hostile,
-             steps=150)
+             steps=150, clock=rig_clock)
     # the C paths did the work (not only the Python fallbacks they hand over to); a
     # hostile run may have lost or held every rx buffer before the first C drain
-    assert counting_calls["tx"] > 0
+    assert counting_calls["tx"] > 0 and counting_calls["tx_messages"] > 0
     assert counting_calls["rx"] > 0 or hostile
+
+
+@needs_fast
+@pytest.mark.parametrize("which", ["kick", "call"])
+def test_os_errors_same(which: str, counting_calls: dict[str, int],
+                        rig_clock: RigClock) -> None:
+    """A kick that cannot be written, an interrupt eventfd that cannot be read: the same
+    OSError, with the same state left behind, on both paths."""
+    tw = Twins(16, True, False)
+    pipes = [os.pipe() for _ in tw.guests]
+    saved = [(g.kick[TX], g.call[TX]) for g in tw.guests]
+    try:
+        for g, (rd, wr) in zip(tw.guests, pipes, strict=True):
+            if which == "kick":
+                g.kick[TX] = rd  # not writable: EBADF
+            else:
+                g.call[TX] = wr  # not readable: EBADF
+        errors = []
+        for g in tw.guests:
+            with pytest.raises(OSError) as e:
+                g.send_burst(2000, 1024, b"e" * 10, 40, timeout=0.01)
+            errors.append((type(e.value), e.value.errno))
+        assert errors[0] == errors[1]
+        assert_same(snapshot(tw.guests[0]), snapshot(tw.guests[1]), which)
+        assert counting_calls["tx_messages"] > 0
+    finally:
+        for g, (kick, call) in zip(tw.guests, saved, strict=True):
+            g.kick[TX], g.call[TX] = kick, call
+        tw.close()
+        for fds in pipes:
+            for fd in fds:
+                os.close(fd)
+
+
+@needs_fast
+def test_bookkeeping_c_cannot_take(counting_calls: dict[str, int],
+                                   rig_clock: RigClock) -> None:
+    """A chain length C does not hold (0): the burst runs on the Python path, and the
+    two guests still agree; once that chain is back, C takes the bursts again."""
+    tw = Twins(16, True, False)
+    try:
+        def odd_chain(g: SimGuest, d: Device) -> None:
+            ring = g.rings[TX]
+            head = ring.free.pop()
+            ring.chain_len[head] = 0  # frees no descriptor when it comes back
+            g.tx_inflight[head] = -1
+            ring.add_raw(head)
+            ring.publish()
+
+        tw.run("odd chain", odd_chain)
+        tw.run("burst", lambda g, d: g.send_burst(2000, 1024, b"o" * 5, 6))
+        assert counting_calls["tx"] == 0
+        tw.run("return all", lambda g, d: d.push(TX, [(h, 0) for h in d.pop(TX, 16)]))
+        tw.run("reclaim", lambda g, d: g.reclaim())
+        tw.run("burst", lambda g, d: g.send_burst(2000, 1024, b"p" * 5, 6))
+        assert counting_calls["tx"] == 1
+    finally:
+        tw.close()
 
 
 @needs_fast
@@ -498,7 +665,8 @@ def both_paths(fn: Callable[[bool], Any]) -> Iterator[Any]:
 
 
 @needs_fast
-def test_sink_bursts_same_counts(serve: Serve, rx_thread: bool) -> None:
+def test_sink_bursts_same_counts(serve: Serve, rx_thread: bool,
+                                 counting_calls: dict[str, int]) -> None:
     def run(fast: bool) -> tuple[Any, ...]:
         sink = Sink(1024)
         r = serve([sink, Echo(1025)])
@@ -518,6 +686,10 @@ def test_sink_bursts_same_counts(serve: Serve, rx_thread: bool) -> None:
     fast, slow = both_paths(run)
     assert fast == slow
     assert fast[0][0] == sum(3000 + k for k in range(5))
+    # the fast guest's bursts ran in C from start to end, waits for buffers included
+    assert counting_calls["tx"] == 5
+    assert counting_calls["tx_messages"] == fast[0][0]
+    assert counting_calls["py_reclaim"] == counting_calls["py_fill"] == 0
 
 
 @needs_fast
@@ -602,10 +774,11 @@ def test_nbufs_fit_the_scratch() -> None:
     assert MAX_BUFS // 2 <= fastpath.RX_CAP
 
 
-def test_ring_helpers_agree_with_python() -> None:
+def test_ring_helpers_agree_with_python(monkeypatch: pytest.MonkeyPatch) -> None:
     """gr_enable_interrupts / gr_publish bytes and answers match DriverRing's."""
     if IMPORT_ERROR is not None:
         pytest.skip(f"guest fast path not built: {IMPORT_ERROR}")
+    monkeypatch.setattr(fastpath, "TX_C_MIN", 1)  # the small bursts too run in C
     for event_idx in (True, False):
         tw = Twins(8, event_idx, False)
         try:

@@ -8,20 +8,31 @@ order as on the Python path (tests/test_guest_fastpath.py compares the two).
 
 Split of the work:
 
-* C does the per-message loops: filling tx buffers, descriptors and avail slots;
-  reading used entries; checking received buffers, counting the ones for counting
-  endpoints and re-posting rx buffers; publishing with release ordering and a real fence.
-* Python keeps all bookkeeping where the Python path keeps it (DriverRing.free,
-  chain_len, avail_idx, last_used, last_kicked; SimGuest.tx_free, tx_inflight,
-  rx_bufs), hands C the values it would pop (the tops of its stacks) and applies C's
-  results with bulk list and dict operations.  Python paths used elsewhere (send,
-  send_chain, post_rx_chain, reset) therefore keep working on consistent state.
+* tx bursts (send_burst) run in C from start to end except for the select() while
+  waiting for buffers: C fills tx buffers, descriptors and avail slots, publishes and
+  kicks, takes the interrupt eventfd and the used entries, and waits the way
+  SimGuest._get_tx_buf does (enable interrupts, look again, then hand back to Python to
+  sleep).  For that C holds a copy of the tx bookkeeping for the burst (DriverRing.free,
+  chain_len, avail_idx, last_used, last_kicked; SimGuest.tx_free, tx_inflight), loaded
+  from the Python objects when the burst starts and stored back into them when it ends
+  (or before any step the Python path must take itself): one sync per burst, nothing per
+  message.  Bursts smaller than TX_C_MIN, whose sync would cost more than the Python
+  loop, stay on the Python path.
+* rx drains: C reads used entries, checks received buffers, counts the ones for
+  counting endpoints and re-posts rx buffers; Python keeps the rx bookkeeping where the
+  Python path keeps it (DriverRing.free, chain_len; SimGuest.rx_bufs), hands C the values
+  it would pop (the tops of its stacks) and applies C's results with bulk list and dict
+  operations.
+* Python paths used elsewhere (send, send_chain, post_rx_chain, reclaim, reset) work on
+  the Python objects, which are always what the Python path would have left between
+  operations.
 * Anything unusual goes to the Python path before any state changes: used entries that
   are not outstanding one-descriptor chains (hostile devices, test chains), rx buffers
   kept instead of re-posted (``repost_rx = False``), a descriptor stack too short for a
-  batch.  So do batches too small for C to pay off (RX_C_MIN, TX_C_MIN): single-message
-  round trips cost what they cost on the Python path.  Messages for the name service and
-  inbox endpoints are copied out by C and dispatched by SimGuest._dispatch in ring order.
+  batch, bookkeeping C cannot represent.  So do rx batches too small for C to pay off
+  (RX_C_MIN): single-message round trips cost what they cost on the Python path.
+  Messages for the name service and inbox endpoints are copied out by C and dispatched
+  by SimGuest._dispatch in ring order.
 
 Memory safety: C works on an export of the guest RAM array taken for one operation (a
 drain, a burst) and released when it ends, so the mapping cannot go away under C and
@@ -31,6 +42,7 @@ RAM's size, and validates every value the device wrote before using it.
 
 from __future__ import annotations
 
+import array
 import collections
 import logging
 import os
@@ -38,7 +50,7 @@ import select
 import time
 import weakref
 from itertools import repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..rpmsg import codec as rp
 from .ring import DriverRing
@@ -66,7 +78,10 @@ RX_CAP = 1024  # most used entries one C rx drain takes (the Linux driver posts 
 # of a C drain (binding, bulk bookkeeping) exceeds the Python per-message cost, and
 # single-message round trips (echo latency) would get slower.  Same results either way.
 RX_C_MIN = 3
-TX_C_MIN = 3  # likewise for send_burst batches
+# send_burst counts below this stay on the Python loop: loading the tx bookkeeping into C
+# and storing it back (20-50 us, more with more chains outstanding) costs what the
+# Python loop spends on 16-32 messages.  Same results either way.
+TX_C_MIN = 32
 
 
 class FastPathUnavailable(RuntimeError):
@@ -134,26 +149,67 @@ class _Scratch:
         x.counter_addr, x.counter_msgs, x.counter_bytes = self.caddr, self.cmsgs, self.cbytes
 
 
-class _Holding:
-    """``with fast.holding(g, ring):`` keeps one RAM export for a whole operation.
+# array type codes of the C types the tx bookkeeping is copied through
+_Code = Literal["I", "Q", "q"]
+U32: _Code = "I"
+U64: _Code = "Q"
+I64: _Code = "q"
 
-    One per scratch, reused (it is only entered under that scratch's guest lock)."""
 
-    __slots__ = ("fast", "g", "ring", "s")
+def _view(arr: Any, code: _Code) -> memoryview:
+    assert ffi is not None
+    return memoryview(ffi.buffer(arr)).cast(code)
 
-    def __init__(self, fast: GuestFastPath, s: _Scratch) -> None:
-        self.fast, self.s = fast, s
-        self.g: SimGuest | None = None
-        self.ring: DriverRing | None = None
 
-    def __enter__(self) -> None:
-        g, ring = self.g, self.ring
-        self.g = self.ring = None  # no references kept past the operation
-        assert g is not None and ring is not None
-        self.fast._enter(self.s, g, ring)
+def _put(dst: Any, code: _Code, values: Any) -> int:
+    """Copy ``values`` (a list) into the C array ``dst``; how many.  TypeError or
+    OverflowError where a value is not an int of that C type."""
+    assert ffi is not None
+    a = array.array(code, values)
+    if a:
+        ffi.memmove(dst, a, len(a) * a.itemsize)
+    return len(a)
 
-    def __exit__(self, *exc: object) -> None:
-        self.fast._exit(self.s)
+
+class _TxState:
+    """The C copy of the tx bookkeeping during a burst (gr_tx) and the arrays it uses."""
+
+    def __init__(self, size: int) -> None:
+        assert ffi is not None and _raw_alloc is not None
+        assert (array.array(U32).itemsize, array.array(U64).itemsize,
+                array.array(I64).itemsize) == (4, 8, 8)
+        self.size = size
+        t = self.t = ffi.new("gr_tx *")
+        self.chain_len = _raw_alloc("uint32_t[]", size)
+        self.inflight = _raw_alloc("int64_t[]", size)
+        self.heads = _raw_alloc("uint32_t[]", size)
+        t.chain_len, t.inflight, t.heads = self.chain_len, self.inflight, self.heads
+        # chain_len and tx_inflight as key and value lists (no more keys than size)
+        self.keys = _raw_alloc("uint32_t[]", size)
+        self.lens = _raw_alloc("uint32_t[]", size)
+        self.ikeys = _raw_alloc("uint32_t[]", size)
+        self.gpas = _raw_alloc("int64_t[]", size)
+        self.keys_v, self.lens_v = _view(self.keys, U32), _view(self.lens, U32)
+        self.ikeys_v, self.gpas_v = _view(self.ikeys, U32), _view(self.gpas, I64)
+        self.free: Any = None
+        self.bufs: Any = None
+        self.reserve(2 * size, 2 * size)
+        # the Python objects loaded (DriverRing.free, SimGuest.tx_free, DriverRing.chain_len,
+        # SimGuest.tx_inflight) while C holds their copy
+        self.objects: tuple[list[int], list[int], dict[int, int], dict[int, int]] | None = None
+
+    def reserve(self, nfree: int, nbufs: int) -> None:
+        """Room for stacks of nfree ids and nbufs buffers."""
+        assert _raw_alloc is not None
+        t = self.t
+        if self.free is None or nfree > t.free_cap:
+            self.free = _raw_alloc("uint32_t[]", nfree)
+            self.free_v = _view(self.free, U32)
+            t.free, t.free_cap = self.free, nfree
+        if self.bufs is None or nbufs > t.buf_cap:
+            self.bufs = _raw_alloc("uint64_t[]", nbufs)
+            self.bufs_v = _view(self.bufs, U64)
+            t.bufs, t.buf_cap = self.bufs, nbufs
 
 
 class GuestFastPath:
@@ -162,19 +218,11 @@ class GuestFastPath:
     def __init__(self, queue_size: int) -> None:
         # A batch of used entries that are all distinct outstanding chains is at most
         # the ring size; more goes to the Python path, which raises as it does.
-        self.tx = _Scratch(max(1, queue_size), data=False)
+        self.tx = _Scratch(1, data=False)  # the tx binding (bursts keep their own arrays)
         self.rx = _Scratch(max(1, min(queue_size, RX_CAP)), data=True)
-        self._holding = (_Holding(self, self.tx), _Holding(self, self.rx))
+        self.txs = _TxState(max(1, queue_size))
 
     # -- plumbing -------------------------------------------------------------------
-
-    def holding(self, g: SimGuest, ring: DriverRing, rx: bool = False) -> _Holding:
-        """Bind ``ring``'s C description (and an export of the guest RAM) for a whole
-        operation: the calls made inside reuse it instead of binding each time.  Only
-        under the guest's lock for that ring (tx or rx), like every other method."""
-        h = self._holding[rx]
-        h.g, h.ring = g, ring
-        return h
 
     def _enter(self, s: _Scratch, g: SimGuest, ring: DriverRing) -> Any:
         """s.ring describing ``ring`` over an export of the guest RAM, until _exit.
@@ -245,38 +293,133 @@ class GuestFastPath:
 
     # -- tx -------------------------------------------------------------------------
 
-    def tx_fill(self, g: SimGuest, ring: DriverRing, msg: bytes, batch: int) -> bool:
-        """send_burst's inner loop for ``batch`` buffers off the top of g.tx_free.
+    def send_burst(self, g: SimGuest, ring: DriverRing, msg: bytes, count: int,
+                   timeout: float) -> bool:
+        """SimGuest.send_burst of ``count`` copies of the encoded ``msg`` in C.
 
-        False, having changed nothing, where the Python loop must run instead (it then
-        raises BufferError where it does).
+        False, having changed nothing, where the Python loop must run instead (a small
+        count, bookkeeping C cannot take).  Otherwise True once the burst is done, or
+        whatever the Python path raises (GuestTimeout, BufferError, ValueError,
+        OSError) with the bookkeeping and stats as the Python path leaves them.
         """
         assert ffi is not None and lib is not None
+        st = self.txs
+        if not TX_C_MIN <= count < 1 << 63 or ring.size != st.size or g.ram is None:
+            return False
         s = self.tx
-        tx_free, free = g.tx_free, ring.free
-        if not TX_C_MIN <= batch <= s.cap or len(tx_free) < batch or len(free) < batch:
-            return False
-        gpas = tx_free[-batch:]
-        ids = free[-batch:]
-        s.gpas[0:batch] = gpas
-        s.ids[0:batch] = ids
-        src = ffi.from_buffer(msg)
         r = self._enter(s, g, ring)
+        t = st.t
+        src = ffi.from_buffer(msg)
         try:
-            done = lib.gr_tx_fill(r, ring.avail_idx, src, len(msg), s.gpas, s.ids, batch)
+            if not self._tx_load(g, ring, r):
+                st.objects = None
+                return False
+            t.msg, t.len, t.left = src, len(msg), count
+            t.call_fd, t.kick_fd = g.call[TX], g.kick[TX]
+            t.want_irq = 1 if g.tx_interrupts else 0
+            t.phase, t.wait_new = lib.GR_TX_TOP, 0
+            self._tx_run(g, ring, r, msg, timeout)
+            return True
         finally:
-            self._exit(s)
+            t.msg = ffi.NULL
             ffi.release(src)
-        if done != batch:
+            self._exit(s)
+
+    def _tx_run(self, g: SimGuest, ring: DriverRing, r: Any, msg: bytes,
+                timeout: float) -> None:
+        assert lib is not None
+        t = self.txs.t
+        owned = True  # the C copy is the bookkeeping (else the Python objects are)
+        deadline = 0.0
+        try:
+            while True:
+                rc = lib.gr_tx_run(r, t)
+                if rc == lib.GR_TX_WAIT:  # _get_tx_buf's wait loop: nothing came back
+                    now = time.monotonic()
+                    if t.wait_new:
+                        t.wait_new = 0
+                        deadline = now + timeout
+                    left = deadline - now
+                    if left <= 0:
+                        from .rpmsg_guest import GuestTimeout
+
+                        raise GuestTimeout(f"no tx buffer came back in {timeout}s")
+                    select.select([t.call_fd], [], [], left)
+                    continue
+                if rc == lib.GR_TX_DONE:
+                    return
+                if rc == lib.GR_TX_OS_ERROR:
+                    raise OSError(t.err, os.strerror(t.err))
+                if rc not in (lib.GR_TX_PY_RECLAIM, lib.GR_TX_PY_FILL):
+                    raise RuntimeError(f"gr_tx_run failed ({rc})")
+                # A step for the Python path, on the Python objects (it may raise).
+                self._tx_store(g, ring, r)
+                owned = False
+                if rc == lib.GR_TX_PY_RECLAIM:
+                    g._reclaim_used()
+                else:
+                    batch = t.batch
+                    g._fill_tx(ring, msg, batch)
+                    t.left -= batch
+                    t.phase = lib.GR_TX_TOP
+                if not self._tx_load(g, ring, r):
+                    raise RuntimeError("tx bookkeeping the C path cannot take back")
+                owned = True
+        finally:
+            if owned:
+                self._tx_store(g, ring, r)
+
+    def _tx_load(self, g: SimGuest, ring: DriverRing, r: Any) -> bool:
+        """The C copy of the tx bookkeeping; False if C cannot represent it."""
+        assert lib is not None
+        st = self.txs
+        t = st.t
+        free, bufs, chain_len, inflight = ring.free, g.tx_free, ring.chain_len, g.tx_inflight
+        m, mi = len(chain_len), len(inflight)
+        nfree, nbufs = len(free), len(bufs)
+        if max(m, mi) > st.size:
             return False
-        del tx_free[-batch:]
-        del free[-batch:]
-        gpas.reverse()  # pop order
-        ids.reverse()
-        ring.chain_len.update(zip(ids, repeat(1)))
-        g.tx_inflight.update(zip(ids, gpas, strict=True))
-        ring.avail_idx = (ring.avail_idx + batch) & 0xFFFF
-        return True
+        st.reserve(nfree + m, nbufs + mi)
+        try:
+            _put(st.free, U32, free)
+            _put(st.bufs, U64, bufs)
+            if m:
+                _put(st.keys, U32, list(chain_len))
+                _put(st.lens, U32, list(chain_len.values()))
+            if mi:
+                _put(st.ikeys, U32, list(inflight))
+                _put(st.gpas, I64, list(inflight.values()))
+            t.avail_idx, t.last_kicked, t.last_used = (ring.avail_idx, ring.last_kicked,
+                                                       ring.last_used)
+        except (TypeError, OverflowError):  # not ids, lengths and addresses C can hold
+            return False
+        t.nfree, t.nbufs = nfree, nbufs
+        st.objects = (free, bufs, chain_len, inflight)  # what _tx_store writes back into
+        return lib.gr_tx_load(r, t, m, st.keys, st.lens, mi, st.ikeys, st.gpas) == 0
+
+    def _tx_store(self, g: SimGuest, ring: DriverRing, r: Any) -> None:
+        """The C copy back into the Python objects, and its stats into g.stats."""
+        assert ffi is not None and lib is not None
+        st = self.txs
+        t = st.t
+        assert st.objects is not None
+        free, bufs, chain_len, inflight = st.objects
+        st.objects = None
+        free[:] = st.free_v[: t.nfree].tolist()
+        bufs[:] = st.bufs_v[: t.nbufs].tolist()
+        lib.gr_tx_store(r, t, st.keys, st.lens, st.ikeys, st.gpas)
+        m, mi = t.nout, t.ninfl
+        chain_len.clear()
+        chain_len.update(zip(st.keys_v[:m].tolist(), st.lens_v[:m].tolist(), strict=True))
+        inflight.clear()
+        inflight.update(zip(st.ikeys_v[:mi].tolist(), st.gpas_v[:mi].tolist(), strict=True))
+        ring.avail_idx, ring.last_kicked, ring.last_used = (t.avail_idx, t.last_kicked,
+                                                           t.last_used)
+        stats = g.stats
+        stats.tx_messages += t.sent
+        stats.tx_kicks += t.kicks
+        stats.tx_interrupts += t.interrupts
+        t.sent = t.kicks = t.interrupts = 0
 
     def publish(self, g: SimGuest, ring: DriverRing, rx: bool = False) -> bool:
         """DriverRing.publish with a release store and a real fence."""
@@ -304,62 +447,6 @@ class GuestFastPath:
         if more < 0:
             return ring.enable_interrupts()
         return bool(more)
-
-    def reclaim_tx(self, g: SimGuest) -> None:
-        """SimGuest._reclaim_tx with the used ring read in C."""
-        try:
-            os.eventfd_read(g.call[TX])
-            g.stats.tx_interrupts += 1
-        except BlockingIOError:
-            pass
-        ring = g.rings[TX]
-        r = self._enter(self.tx, g, ring)
-        try:
-            got = self._read_used(self.tx, r, ring)
-        finally:
-            self._exit(self.tx)
-        if got is None:
-            heads = [head for head, _length in ring.get_used()]
-            distinct = set(heads)
-        else:
-            heads, distinct = got
-            self._take_used(ring, heads)
-        inflight, tx_free = g.tx_inflight, g.tx_free
-        if heads and inflight.keys() >= distinct:
-            gpas = list(map(inflight.pop, heads))
-            if min(gpas) >= 0:
-                tx_free.extend(gpas)
-                return
-            tx_free.extend(gpa for gpa in gpas if gpa >= 0)
-            return
-        for head in heads:  # a KeyError surfaces where the Python path raises it
-            gpa = inflight.pop(head)
-            if gpa >= 0:
-                tx_free.append(gpa)
-
-    def get_tx_buf(self, g: SimGuest, timeout: float) -> int:
-        """SimGuest._get_tx_buf, step for step, with the C reclaim and fence."""
-        if g.tx_free:
-            return g.tx_free.pop()
-        self.reclaim_tx(g)
-        if g.tx_free:
-            return g.tx_free.pop()
-        ring = g.rings[TX]
-        deadline = time.monotonic() + timeout
-        while not g.tx_free:
-            if self.enable_interrupts(g, ring):
-                self.reclaim_tx(g)
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                from .rpmsg_guest import GuestTimeout
-
-                raise GuestTimeout(f"no tx buffer came back in {timeout}s")
-            select.select([g.call[TX]], [], [], left)
-            self.reclaim_tx(g)
-        if not g.tx_interrupts:
-            ring.disable_interrupts()
-        return g.tx_free.pop()
 
     # -- rx -------------------------------------------------------------------------
 

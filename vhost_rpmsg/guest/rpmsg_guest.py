@@ -17,7 +17,6 @@ import select
 import threading
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from ..rpmsg import codec as rp
@@ -314,30 +313,29 @@ class SimGuest:
         if len(payload) > rp.MAX_PAYLOAD:
             raise ValueError(f"payload of {len(payload)} bytes exceeds {rp.MAX_PAYLOAD}")
         msg = rp.encode_message(src, dst, payload)
-        n = len(msg)
         ring = self.rings[TX]
-        left = count
-        fast = self._fast
-        with self._tx_lock, fast.holding(self, ring) if fast else nullcontext():
+        with self._tx_lock:
+            fast = self._fast
+            if fast is not None and fast.send_burst(self, ring, msg, count, timeout):
+                return
+            left = count
             while left:
-                if not self.tx_free:
-                    if fast is None:
-                        self._reclaim_tx()
-                    else:
-                        fast.reclaim_tx(self)
-                if not self.tx_free:
-                    self.tx_free.append(self._get_tx_buf(timeout) if fast is None
-                                        else fast.get_tx_buf(self, timeout))
+                if not self.tx_free:  # _get_tx_buf reclaims first, then waits
+                    self.tx_free.append(self._get_tx_buf(timeout))
                 batch = min(left, len(self.tx_free))
-                if fast is None or not fast.tx_fill(self, ring, msg, batch):
-                    for _ in range(batch):
-                        gpa = self.tx_free.pop()
-                        self._write(gpa, msg)
-                        self.tx_inflight[ring.add([(gpa, n, 0)])] = gpa
+                self._fill_tx(ring, msg, batch)
                 left -= batch
-                self.stats.tx_messages += batch
-                if ring.publish() if fast is None else fast.publish(self, ring):
-                    self._kick(TX)
+
+    def _fill_tx(self, ring: DriverRing, msg: bytes, batch: int) -> None:
+        """``batch`` buffers off tx_free, each holding ``msg``, made visible together."""
+        n = len(msg)
+        for _ in range(batch):
+            gpa = self.tx_free.pop()
+            self._write(gpa, msg)
+            self.tx_inflight[ring.add([(gpa, n, 0)])] = gpa
+        self.stats.tx_messages += batch
+        if ring.publish():
+            self._kick(TX)
 
     def send_chain(self, bufs: list[tuple[int, int, int]]) -> int:
         """Post an arbitrary chain on the tx ring (for tests of malformed input)."""
@@ -382,11 +380,19 @@ class SimGuest:
         return self.tx_free.pop()
 
     def _reclaim_tx(self) -> None:
+        self._tx_irq()
+        self._reclaim_used()
+
+    def _tx_irq(self) -> None:
+        """Take a pending tx interrupt, if there is one."""
         try:
             os.eventfd_read(self.call[TX])
             self.stats.tx_interrupts += 1
         except BlockingIOError:
             pass
+
+    def _reclaim_used(self) -> None:
+        """Take back the buffers of the used tx entries."""
         for head, _length in self.rings[TX].get_used():
             gpa = self.tx_inflight.pop(head)
             if gpa >= 0:

@@ -128,9 +128,7 @@ int64_t vr_scatter(const vr_region *regions, uint32_t nregions, const uint64_t *
 #define VR_MSG_SHORT ...
 #define VR_MSG_TOO_LONG ...
 int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
-                       const int64_t *lengths, const uint8_t *skip, int64_t n,
-                       uint32_t *src, uint32_t *dst, int64_t *poff, int64_t *plen,
-                       int64_t *bad_idx, uint8_t *bad_why, int64_t *nbad);
+                       const int64_t *lengths, const uint8_t *skip, int64_t n, int64_t *out);
 """
 
 

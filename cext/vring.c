@@ -534,11 +534,11 @@ static inline uint32_t vr_le32(const uint8_t *p)
 }
 
 int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
-		       const int64_t *lengths, const uint8_t *skip, int64_t n,
-		       uint32_t *src, uint32_t *dst, int64_t *poff, int64_t *plen,
-		       int64_t *bad_idx, uint8_t *bad_why, int64_t *nbad)
+		       const int64_t *lengths, const uint8_t *skip, int64_t n, int64_t *out)
 {
-	int64_t good = 0, bad = 0;
+	int64_t *src = out, *dst = out + n, *poff = out + 2 * n, *plen = out + 3 * n;
+	int64_t *bad_idx = out + 4 * n, *bad_why = out + 5 * n;
+	int64_t good = 0, bad = 0, same = 1;
 
 	for (int64_t i = 0; i < n; i++) {
 		int64_t off = offsets[i], len = lengths[i];
@@ -562,10 +562,13 @@ int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *of
 		}
 		src[good] = vr_le32(h);
 		dst[good] = vr_le32(h + 4);
+		if (good && dst[good] != dst[0])
+			same = 0;
 		poff[good] = off + 16;
 		plen[good] = payload;
 		good++;
 	}
-	*nbad = bad;
+	out[6 * n] = bad;
+	out[6 * n + 1] = same;
 	return good;
 }

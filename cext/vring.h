@@ -233,18 +233,19 @@ int64_t vr_scatter(const vr_region *regions, uint32_t nregions, const uint64_t *
  * The rpmsg step of the guest->host hot path: check and split the 16-byte rpmsg headers
  * (u32 src, u32 dst, u32 reserved, u16 len, u16 flags, little-endian) of n messages that
  * vr_pop_raw packed into data.  Message i is data[offsets[i], +lengths[i]); skip[i] != 0
- * means "not a message" (a bad chain) and it is passed over.  The good messages are
- * written in order to src/dst/poff/plen (payload offset in data, payload length); the
- * malformed ones to bad_idx/bad_why (VR_MSG_SHORT: no room for a header;
- * VR_MSG_TOO_LONG: len exceeds what follows the header).  Returns the number of good
- * messages and stores the number of malformed ones in *nbad, or -1 when a message
- * range does not lie inside data (the caller's arrays are inconsistent).
+ * (skip may be NULL) means "not a message" (a bad chain) and it is passed over.
+ *
+ * out holds 6 * n + 2 int64 slots: the good messages, in order, go to out[0..) (src),
+ * out[n..) (dst), out[2n..) (payload offset in data), out[3n..) (payload length); the
+ * malformed ones to out[4n..) (index) and out[5n..) (why: VR_MSG_SHORT, no room for a
+ * header; VR_MSG_TOO_LONG, len exceeds what follows the header).  out[6n] is the number
+ * of malformed messages, out[6n + 1] is 1 when all good messages share one destination.
+ * Returns the number of good messages, or -1 when a message range does not lie inside
+ * data (the caller's arrays are inconsistent).
  */
 #define VR_MSG_SHORT 1
 #define VR_MSG_TOO_LONG 2
 int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
-                       const int64_t *lengths, const uint8_t *skip, int64_t n,
-                       uint32_t *src, uint32_t *dst, int64_t *poff, int64_t *plen,
-                       int64_t *bad_idx, uint8_t *bad_why, int64_t *nbad);
+                       const int64_t *lengths, const uint8_t *skip, int64_t n, int64_t *out);
 
 #endif /* VHOST_RPMSG_VRING_H */

@@ -146,27 +146,25 @@ def _parse_native(rb: RawBatch, skip: np.ndarray | None, bad_chains: list[int]) 
     from .._vring_c import ffi, lib
 
     n = rb.count
-    src = np.empty(n, np.uint32)
-    dst = np.empty(n, np.uint32)
-    poff = np.empty(n, np.int64)
-    plen = np.empty(n, np.int64)
-    bad_idx = np.empty(n, np.int64)
-    bad_why = np.empty(n, np.uint8)
-    nbad = ffi.new("int64_t *")
+    out = np.empty(6 * n + 2, np.int64)
     good = lib.vr_rpmsg_split(
         ffi.from_buffer(rb.data), len(rb.data),
         ffi.from_buffer("int64_t[]", rb.offsets), ffi.from_buffer("int64_t[]", rb.lengths),
         ffi.from_buffer("uint8_t[]", skip.view(np.uint8)) if skip is not None else ffi.NULL,
-        n, ffi.from_buffer("uint32_t[]", src), ffi.from_buffer("uint32_t[]", dst),
-        ffi.from_buffer("int64_t[]", poff), ffi.from_buffer("int64_t[]", plen),
-        ffi.from_buffer("int64_t[]", bad_idx), ffi.from_buffer("uint8_t[]", bad_why), nbad)
+        n, ffi.from_buffer("int64_t[]", out))
     if good < 0:
         raise ValueError("raw batch offsets and lengths do not fit its data")
+    nbad = int(out[6 * n])
     bad_messages = [(i, _why(rb, i, w == lib.VR_MSG_SHORT))
-                    for i, w in zip(bad_idx[: nbad[0]].tolist(), bad_why[: nbad[0]].tolist(),
-                                    strict=True)]
-    return Parsed(_runs(rb.data, src[:good], dst[:good], poff[:good], plen[:good]),
-                  bad_chains, bad_messages)
+                    for i, w in zip(out[4 * n : 4 * n + nbad].tolist(),
+                                    out[5 * n : 5 * n + nbad].tolist(), strict=True)]
+    srcs, dsts = out[:good], out[n : n + good]
+    starts, plen = out[2 * n : 2 * n + good], out[3 * n : 3 * n + good]
+    if good and out[6 * n + 1]:  # one destination: one run, no scan needed
+        runs = [MessageBatch(rb.data, int(dsts[0]), srcs, starts, plen)]
+    else:
+        runs = _runs(rb.data, srcs, dsts, starts, plen)
+    return Parsed(runs, bad_chains, bad_messages)
 
 
 def _parse_small(rb: RawBatch, idx: np.ndarray | None, bad_chains: list[int]) -> Parsed:

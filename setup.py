@@ -9,7 +9,8 @@ from setuptools import setup
 from setuptools.command.sdist import sdist
 
 CEXT_FILES = ["cext/build_vring.py", "cext/vring.c", "cext/vring.h",
-              "cext/build_guest.py", "cext/guest_ring.c", "cext/guest_ring.h"]
+              "cext/build_guest.py", "cext/guest_ring.c", "cext/guest_ring.h",
+              "cext/le.h"]
 
 
 class SdistWithCext(sdist):

@@ -130,7 +130,7 @@ def make_ffi(absolute: bool = False) -> FFI:
         "vhost_rpmsg._guest_c",
         '#include "guest_ring.h"',
         sources=[_path("guest_ring.c", absolute)],
-        depends=[_path("guest_ring.h", absolute)],
+        depends=[_path("guest_ring.h", absolute), _path("le.h", absolute)],
         include_dirs=[_path(".", absolute)],
         extra_compile_args=["-std=c11", "-O2", "-Wall"],
         **extra,

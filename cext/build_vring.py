@@ -146,7 +146,7 @@ def make_ffi(absolute: bool = False) -> FFI:
         "vhost_rpmsg._vring_c",
         '#include "vring.h"',
         sources=[_path("vring.c", absolute)],
-        depends=[_path("vring.h", absolute)],
+        depends=[_path("vring.h", absolute), _path("le.h", absolute)],
         include_dirs=[_path(".", absolute)],
         extra_compile_args=["-std=c11", "-O2", "-Wall"],
         **extra,

@@ -19,15 +19,7 @@
 #define AVAIL_F_NO_INTERRUPT 1u
 #define MAX_SIZE 32768u
 
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-#define LE16(x) __builtin_bswap16(x)
-#define LE32(x) __builtin_bswap32(x)
-#define LE64(x) __builtin_bswap64(x)
-#else
-#define LE16(x) (x)
-#define LE32(x) (x)
-#define LE64(x) (x)
-#endif
+#include "le.h"
 
 /* Ring fields are naturally aligned (gr_ring_ok checks), so these are single accesses. */
 

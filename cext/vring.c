@@ -18,15 +18,7 @@
 
 /* -- little-endian loads and stores, each a single fetch ------------------------------- */
 
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-#define LE16(x) __builtin_bswap16(x)
-#define LE32(x) __builtin_bswap32(x)
-#define LE64(x) __builtin_bswap64(x)
-#else
-#define LE16(x) (x)
-#define LE32(x) (x)
-#define LE64(x) (x)
-#endif
+#include "le.h"
 
 /* Pin a value read by memcpy, so the compiler cannot fetch it again from guest memory. */
 #define PIN(v) __asm__ __volatile__("" : "+r"(v))

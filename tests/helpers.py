@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -55,3 +57,12 @@ def make_queue(
     q.map(gm)
     q.started = q.enabled = True
     return q, drv, gm
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``cond`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.002)

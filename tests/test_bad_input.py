@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -19,17 +18,10 @@ from vhost_rpmsg.vhost_user.protocol import ProtocolFeature, Request
 from vhost_rpmsg.virtqueue import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 
 from .conftest import Running
+from .helpers import wait_until
 
 PF = ProtocolFeature
 TAIL = 1 << 16  # guest RAM left out of the memory table, filled with a canary
-
-
-def _wait(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.002)
 
 
 def _open_fds() -> int:
@@ -38,7 +30,7 @@ def _open_fds() -> int:
 
 def _next_guest_works(r: Running) -> None:
     """The acid test after every bad input: a fresh, correct guest is served."""
-    _wait(lambda: r.server.conn is None)
+    wait_until(lambda: r.server.conn is None)
     with SimGuest(r.path) as g:
         g.open(3000)
         g.send(3000, 1024, b"still alive")
@@ -74,7 +66,7 @@ def test_garbage_stream_drops_the_connection_only(echo_server: Running, junk: by
     except ConnectionResetError:
         pass  # ... or resets, when our unread bytes were still queued
     s.close()
-    _wait(lambda: echo_server.counters().get("connections", 0) == before + 1)
+    wait_until(lambda: echo_server.counters().get("connections", 0) == before + 1)
     _next_guest_works(echo_server)
 
 
@@ -83,7 +75,7 @@ def test_second_front_end_is_refused_while_one_is_connected(echo_server: Running
         s = _raw(echo_server)
         assert s.recv(10) == b""  # closed at once
         s.close()
-        _wait(lambda: echo_server.counters().get("rejected") == 1)
+        wait_until(lambda: echo_server.counters().get("rejected") == 1)
     _next_guest_works(echo_server)
 
 
@@ -191,10 +183,10 @@ def test_hostile_tx_chains(echo_server: Running, chain: str) -> None:
     elif chain == "too_short_for_header":
         g.send_chain([(scratch, 8, 0)])
     # the buffer comes back to the guest and is counted as bad
-    _wait(lambda: echo_server.device.stats["bad_chains"]
+    wait_until(lambda: echo_server.device.stats["bad_chains"]
           + echo_server.device.stats["bad_messages"] > before)
     # the hostile chain (scratch memory, not a tx buffer) must come back too
-    _wait(lambda: g.reclaim() >= 0 and not g.tx_inflight)
+    wait_until(lambda: g.reclaim() >= 0 and not g.tx_inflight)
     # nothing outside the regions was written (and the server is still serving this guest)
     assert (canary == 0xA5).all()
     g.open(3001)
@@ -227,7 +219,7 @@ def test_hostile_rx_chains_are_returned_and_skipped(echo_server: Running, chain:
         echo_server.device.send(1024, 3002, b"msg%d" % i, timeout=5)
     got = [g.recv(3002)[1] for _ in range(12)]
     assert got == [b"msg%d" % i for i in range(12)]  # nothing lost, order kept
-    _wait(lambda: g.stats.events["rx_test_chain_returned"] == 1)
+    wait_until(lambda: g.stats.events["rx_test_chain_returned"] == 1)
     assert (canary == 0x5A).all()
     stats = echo_server.device.stats
     assert stats["bad_chains"] + stats["rx_buffer_too_small"] >= 1
@@ -249,10 +241,10 @@ def test_avail_index_jump_breaks_only_that_ring(echo_server: Running) -> None:
     with g._tx_lock:
         ring.avail[1] = (ring.avail_idx + 1000) & 0xFFFF
         g._kick(1)
-    _wait(lambda: (echo_server.server.backend is not None
+    wait_until(lambda: (echo_server.server.backend is not None
                    and echo_server.server.backend.errors["queue_broken"] == 1))
     # the guest gets an error notification on its err eventfd, as the spec provides
-    _wait(lambda: _readable(g.err[1]))
+    wait_until(lambda: _readable(g.err[1]))
     g.disconnect()
     _next_guest_works(echo_server)
 

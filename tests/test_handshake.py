@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from vhost_rpmsg.guest.frontend import Frontend, FrontendError, GuestRam
@@ -20,16 +18,9 @@ from vhost_rpmsg.vhost_user.protocol import (
 )
 
 from .conftest import Running
+from .helpers import wait_until
 
 PF = ProtocolFeature
-
-
-def _wait(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.002)
 
 
 def _fe(r: Running, protocol: int = QEMU_PROTOCOL_FEATURES) -> tuple[Frontend, GuestRam]:
@@ -76,12 +67,12 @@ def test_negotiation_replies(serve) -> None:  # type: ignore[no-untyped-def]
 def test_guest_starts_with_each_feature_set(serve, protocol: int) -> None:  # type: ignore[no-untyped-def]
     r = serve()
     g = r.guest(protocol_features=protocol).start()
-    _wait(lambda: r.device.guest_ready)
+    wait_until(lambda: r.device.guest_ready)
     g.open(1500)
     r.device.send_nowait(7, 1500, b"ping")
     assert g.recv(1500) == (7, b"ping")
     g.close()
-    _wait(lambda: not r.device.guest_ready)
+    wait_until(lambda: not r.device.guest_ready)
 
 
 def test_rings_wait_for_enable_when_protocol_features_negotiated(serve) -> None:  # type: ignore[no-untyped-def]
@@ -113,7 +104,7 @@ def test_get_vring_base_returns_next_avail_and_keeps_state(serve) -> None:  # ty
     g = r.guest().start()
     for i in range(10):
         g.send(1100, 1024, b"x" * i)
-    _wait(lambda: sink.messages == 10)
+    wait_until(lambda: sink.messages == 10)
     g.open(1100)
     for _ in range(3):
         r.device.send_nowait(1024, 1100, b"y")
@@ -130,10 +121,10 @@ def test_get_vring_base_returns_next_avail_and_keeps_state(serve) -> None:  # ty
 def test_reset_device_stops_rings_and_ends_the_session(serve) -> None:  # type: ignore[no-untyped-def]
     r = serve()
     g = r.guest().start()
-    _wait(lambda: r.device.guest_ready)
+    wait_until(lambda: r.device.guest_ready)
     assert g.fe is not None
     g.fe.request(Request.RESET_DEVICE, need_reply=True)
-    _wait(lambda: not r.device.guest_ready)
+    wait_until(lambda: not r.device.guest_ready)
     b = r.server.backend
     assert b is not None and not any(q.started for q in b.queues)
     g.disconnect()
@@ -176,7 +167,7 @@ def test_order_of_requests_matches_qemu(serve) -> None:  # type: ignore[no-untyp
 
     def init(self, *a, **k):  # type: ignore[no-untyped-def]
         orig_init(self, *a, **k)
-        _wait(lambda: r.server.backend is not None)
+        wait_until(lambda: r.server.backend is not None)
         r.call(record)
 
     F.__init__ = init  # type: ignore[method-assign]

@@ -14,13 +14,7 @@ from vhost_rpmsg.guest import GuestTimeout
 from vhost_rpmsg.rpmsg import codec as rp
 from vhost_rpmsg.rpmsg.device import PayloadTooLarge, RpmsgDevice, WouldBlock
 
-
-def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.002)
+from .helpers import wait_until
 
 
 class Recorder(Endpoint):
@@ -127,7 +121,7 @@ def test_ten_thousand_each_way_byte_for_byte(serve, guest_kind: str) -> None:  #
     t0 = time.perf_counter()
     for p in to_host:
         g.send(2000, 1024, p)
-    _wait(lambda: len(rec.got) == n)
+    wait_until(lambda: len(rec.got) == n)
     t1 = time.perf_counter()
     received = []
     for p in to_guest:
@@ -155,7 +149,7 @@ def test_tx_starved_guest_gets_its_interrupt(serve) -> None:  # type: ignore[no-
         for _ in range(200):
             g.send(2000, 1024, b"x" * 100, timeout=2.0)
         assert time.perf_counter() - t0 < 10
-        _wait(lambda: sink.messages == 200)
+        wait_until(lambda: sink.messages == 200)
 
 
 def test_oversize_is_refused_before_the_ring(serve) -> None:  # type: ignore[no-untyped-def]
@@ -178,7 +172,7 @@ def test_handler_exception_is_counted_and_server_goes_on(serve) -> None:  # type
         g.open(2000)
         g.send(2000, 1025, b"fine")
         assert g.recv(2000) == (1025, b"fine")
-        _wait(lambda: Boom.calls == 3)
+        wait_until(lambda: Boom.calls == 3)
         assert r.device.stats["handler_errors"] >= 1  # type: ignore[attr-defined]
 
 
@@ -187,7 +181,7 @@ def test_unknown_destination_counted_and_buffer_returned(serve) -> None:  # type
     with r.guest(queue_size=8) as g:
         for _ in range(50):  # more than the 8 tx buffers: they must come back
             g.send(2000, 4242, b"nobody home", timeout=2)
-        _wait(lambda: r.device.stats["unknown_destination"] == 50)  # type: ignore[attr-defined]
+        wait_until(lambda: r.device.stats["unknown_destination"] == 50)  # type: ignore[attr-defined]
 
 
 def test_guest_announcement_reaches_the_host(serve) -> None:  # type: ignore[no-untyped-def]
@@ -197,10 +191,10 @@ def test_guest_announcement_reaches_the_host(serve) -> None:  # type: ignore[no-
     dev.guest_ns_listeners.append(seen.append)
     with r.guest() as g:
         g.announce("guest-svc", 1030)
-        _wait(lambda: "guest-svc" in dev.guest_services)
+        wait_until(lambda: "guest-svc" in dev.guest_services)
         assert dev.guest_services["guest-svc"].addr == 1030
         g.announce("guest-svc", 1030, rp.NsFlags.DESTROY)
-        _wait(lambda: "guest-svc" not in dev.guest_services)
+        wait_until(lambda: "guest-svc" not in dev.guest_services)
     assert [(m.name, m.flags) for m in seen] == [
         ("guest-svc", rp.NsFlags.CREATE), ("guest-svc", rp.NsFlags.DESTROY)]
 
@@ -300,7 +294,7 @@ def test_unix_bridge_lets_a_host_process_answer(serve, tmp_path) -> None:  # typ
         client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         client.settimeout(5)
         client.connect(path)
-        _wait(lambda: len(bridge.clients) == 1)
+        wait_until(lambda: len(bridge.clients) == 1)
         g.open(2000)
         for i in range(20):  # guest -> host process -> guest, datagram boundaries kept
             g.send(2000, 1024, b"q%d" % i)
@@ -308,9 +302,9 @@ def test_unix_bridge_lets_a_host_process_answer(serve, tmp_path) -> None:  # typ
             client.send(b"answer %d" % i)
             assert g.recv(2000) == (1024, b"answer %d" % i)
         client.send(b"x" * 497)  # too large for the guest: refused, counted
-        _wait(lambda: bridge.stats["too_large"] == 1)
+        wait_until(lambda: bridge.stats["too_large"] == 1)
         client.close()
-        _wait(lambda: not bridge.clients)
+        wait_until(lambda: not bridge.clients)
 
 
 def test_send_many_is_all_or_nothing(serve) -> None:  # type: ignore[no-untyped-def]

@@ -66,6 +66,9 @@ class Region:
         except (OSError, ValueError, OverflowError) as e:
             raise BadAddress(f"cannot map region gpa 0x{desc.guest_phys_addr:x}: {e}") from e
         mem = np.frombuffer(m, dtype=np.uint8, count=desc.memory_size, offset=skip)
+        log.info("mapped guest memory: gpa 0x%x size 0x%x front-end va 0x%x file offset 0x%x",
+                 desc.guest_phys_addr, desc.memory_size, desc.userspace_addr,
+                 desc.mmap_offset)
         return cls(
             desc.guest_phys_addr, desc.memory_size, desc.userspace_addr, desc.mmap_offset,
             m, mem, mem.data,

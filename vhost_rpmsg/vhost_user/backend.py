@@ -32,10 +32,11 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
+# CONFIG is not offered: an rpmsg device has no config space, and QEMU's generic device
+# warns when a back-end offers it.  GET_CONFIG/SET_CONFIG are still answered.
 DEFAULT_PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.MQ)
     | (1 << ProtocolFeature.REPLY_ACK)
-    | (1 << ProtocolFeature.CONFIG)
     | (1 << ProtocolFeature.RESET_DEVICE)
     | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
     | (1 << ProtocolFeature.STATUS)

@@ -109,11 +109,6 @@ class Frontend:
             else []
         self.sock.sendmsg([data], anc)
 
-    def send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(np.array(fds, np.int32)))] if fds \
-            else []
-        self.sock.sendmsg([data], anc)
-
     def recv_reply(self, request: int) -> bytes:
         header = self._recv_exact(HEADER_SIZE)
         req, flags, size = int.from_bytes(header[:4], "little"), \

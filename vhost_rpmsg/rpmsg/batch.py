@@ -109,9 +109,8 @@ def parse(rb: RawBatch, native: bool = False) -> Parsed:
     bad_messages = []
     if bad.any():
         for k in np.flatnonzero(bad).tolist():
-            why = (f"{int(lengths[k])} bytes cannot hold a {rp.HDR_SIZE}-byte header"
-                   if short[k] else f"header says {int(plen[k])} payload bytes, buffer holds "
-                   f"{int(lengths[k]) - rp.HDR_SIZE}")
+            n = int(lengths[k])
+            why = _short_why(n) if short[k] else _long_why(int(plen[k]), n)
             bad_messages.append((int(chain_ids[k]), why))
         keep = ~bad
         hdr, offsets, plen = hdr[keep], offsets[keep], plen[keep]
@@ -133,13 +132,22 @@ def _runs(data: bytes, srcs: np.ndarray, dsts: np.ndarray, starts: np.ndarray,
             for a, b in itertools.pairwise(bounds)]
 
 
+def _short_why(n: int) -> str:
+    """Why an ``n``-byte message is refused when it has no room for a header."""
+    return f"{n} bytes cannot hold a {rp.HDR_SIZE}-byte header"
+
+
+def _long_why(declared: int, n: int) -> str:
+    """Why an ``n``-byte message is refused when its header claims ``declared`` bytes."""
+    return f"header says {declared} payload bytes, buffer holds {n - rp.HDR_SIZE}"
+
+
 def _why(rb: RawBatch, i: int, short: bool) -> str:
     n = int(rb.lengths[i])
     if short:
-        return f"{n} bytes cannot hold a {rp.HDR_SIZE}-byte header"
+        return _short_why(n)
     o = int(rb.offsets[i])
-    declared = int.from_bytes(rb.data[o + 12 : o + 14], "little")
-    return f"header says {declared} payload bytes, buffer holds {n - rp.HDR_SIZE}"
+    return _long_why(int.from_bytes(rb.data[o + 12 : o + 14], "little"), n)
 
 
 def _parse_native(rb: RawBatch, skip: np.ndarray | None, bad_chains: list[int]) -> Parsed:
@@ -177,12 +185,11 @@ def _parse_small(rb: RawBatch, idx: np.ndarray | None, bad_chains: list[int]) ->
     for i in (range(rb.count) if idx is None else idx.tolist()):
         o, n = offsets[i], lengths[i]
         if n < rp.HDR_SIZE:
-            bad_messages.append((i, f"{n} bytes cannot hold a {rp.HDR_SIZE}-byte header"))
+            bad_messages.append((i, _short_why(n)))
             continue
         h = rp.decode_header(data[o : o + rp.HDR_SIZE])
         if h.length > n - rp.HDR_SIZE:
-            bad_messages.append((i, f"header says {h.length} payload bytes, buffer holds "
-                                    f"{n - rp.HDR_SIZE}"))
+            bad_messages.append((i, _long_why(h.length, n)))
             continue
         if cur is None or cur.dst != h.dst:
             cur = MessageBatch(data, h.dst, [], [], [])

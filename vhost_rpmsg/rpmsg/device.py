@@ -411,6 +411,14 @@ class RpmsgDevice(VirtioDevice):
     def _outbox_full(self) -> bool:
         return len(self._outbox) >= max(self.outbox_limit, 1)
 
+    def _encode(self, src: int, dst: int, data: bytes) -> bytes:
+        """The wire form of one message; refused before any ring sees it if too large."""
+        if len(data) > rp.MAX_PAYLOAD:
+            self.stats["refused_too_large"] += 1
+            raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the guest's "
+                                  f"{rp.MAX_PAYLOAD}-byte limit")
+        return rp.encode_message(src, dst, bytes(data))
+
     def send_nowait(self, src: int, dst: int, data: bytes) -> None:
         """Queue a message for the guest; WouldBlock if the outbox is full.
 
@@ -418,11 +426,7 @@ class RpmsgDevice(VirtioDevice):
         end (one pass, one notification); a full outbox is flushed at once to make room,
         so WouldBlock means the guest really has no free rx buffer.
         """
-        if len(data) > rp.MAX_PAYLOAD:
-            self.stats["refused_too_large"] += 1
-            raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the guest's "
-                                  f"{rp.MAX_PAYLOAD}-byte limit")
-        msg = rp.encode_message(src, dst, bytes(data))
+        msg = self._encode(src, dst, data)
         with self._cond:
             if len(self._outbox) >= self.outbox_limit:
                 self.flush()
@@ -436,12 +440,7 @@ class RpmsgDevice(VirtioDevice):
     def send_many(self, src: int, messages: list[tuple[int, bytes]]) -> None:
         """Send several (dst, payload) messages from ``src``: one pass over the ring, one
         notification.  All or nothing: WouldBlock if they do not all fit the outbox."""
-        for _, data in messages:
-            if len(data) > rp.MAX_PAYLOAD:
-                self.stats["refused_too_large"] += 1
-                raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the guest's "
-                                      f"{rp.MAX_PAYLOAD}-byte limit")
-        encoded = [rp.encode_message(src, dst, bytes(data)) for dst, data in messages]
+        encoded = [self._encode(src, dst, data) for dst, data in messages]
         with self._cond:
             if len(self._outbox) + len(encoded) > self.outbox_limit and (
                     self._outbox or not self.guest_ready):

@@ -85,6 +85,11 @@ class RateLimitedLog:
         self.logger.error(msg + suffix, *args, exc_info=exc_info)
 
 
+def _ns_message(name: str, addr: int, flags: rp.NsFlags) -> bytes:
+    """A name-service message from ``addr`` to the guest's name service."""
+    return rp.encode_message(addr, rp.NS_ADDR, rp.encode_ns(rp.NsMessage(name, addr, flags)))
+
+
 class RpmsgDevice(VirtioDevice):
     """A virtio-rpmsg device with host endpoints and a name service."""
 
@@ -182,11 +187,8 @@ class RpmsgDevice(VirtioDevice):
             self.guest_ready = True
             self.stats["guest_sessions"] += 1
             if self.acked_features & (1 << VIRTIO_RPMSG_F_NS):
-                announcements = [
-                    rp.encode_message(addr, rp.NS_ADDR,
-                                      rp.encode_ns(rp.NsMessage(name, addr, rp.NsFlags.CREATE)))
-                    for addr, name in self.services.items()
-                ]
+                announcements = [_ns_message(name, addr, rp.NsFlags.CREATE)
+                                 for addr, name in self.services.items()]
                 # Ahead of anything queued for this session, in registration order.
                 self._outbox.extendleft(reversed(announcements))
                 self.stats["ns_announced"] += len(announcements)
@@ -221,7 +223,7 @@ class RpmsgDevice(VirtioDevice):
 
         Registered services are announced again to every new guest session.
         """
-        payload = rp.encode_ns(rp.NsMessage(name, addr, flags))
+        msg = _ns_message(name, addr, flags)  # refuses a bad name before anything changes
         with self._cond:
             if flags is rp.NsFlags.CREATE:
                 self.services[addr] = name
@@ -231,7 +233,7 @@ class RpmsgDevice(VirtioDevice):
                 return  # delivered (CREATE) with the next session start
             if not self.acked_features & (1 << VIRTIO_RPMSG_F_NS):
                 return
-            self._outbox.append(rp.encode_message(addr, rp.NS_ADDR, payload))
+            self._outbox.append(msg)
             self.stats["ns_announced"] += 1
         self._flush_soon()
 

@@ -1,8 +1,12 @@
 """Build hook for the C split-ring engine; all project metadata lives in pyproject.toml.
 
-setuptools reads no ``cffi_modules`` key from pyproject.toml, so the cffi extension
-``vhost_rpmsg._vring_c`` (cext/build_vring.py) is declared here.  The sdist also needs
-the extension's header and build script, which setuptools would leave out.
+setuptools reads no ``cffi_modules`` key from pyproject.toml, so the cffi extensions
+``_vhost_rpmsg_vring`` (cext/build_vring.py) and ``_vhost_rpmsg_guest``
+(cext/build_guest.py) are declared here.  They are top-level modules, not inside the
+``vhost_rpmsg`` package, so that the installed ones are found also when the package itself
+is imported from a checkout (``python -m pytest`` puts the project root first on
+sys.path, and the work tree has no compiled modules).  The sdist also needs the
+extensions' headers and build scripts, which setuptools would leave out.
 """
 
 from setuptools import setup

@@ -1,7 +1,10 @@
-"""cffi (API mode) build of the C split-ring engine: ``vhost_rpmsg._vring_c``.
+"""cffi (API mode) build of the C split-ring engine: ``_vhost_rpmsg_vring``.
 
-Built by ``pip install .`` through ``setup.py``'s ``cffi_modules``.  For a quick build in
-the work tree (the module lands next to the package sources, ignored by git)::
+Built by ``pip install .`` through ``setup.py``'s ``cffi_modules``.  The module is
+top-level, not inside ``vhost_rpmsg``: installed into site-packages, it is found
+whichever copy of the pure-Python package is imported (``python -m pytest`` in a
+checkout imports the work tree's).  For a quick build in the work tree (the module
+lands in the project root, ignored by git)::
 
     python cext/build_vring.py
 """
@@ -138,12 +141,12 @@ def make_ffi(absolute: bool = False) -> FFI:
     ffi.cdef(CDEF)
     extra: dict[str, object] = {}
     if absolute:
-        # Named _vring_c.abi3.so like the setuptools build (cffi asks setuptools for the
-        # limited API there), so the two builds replace each other instead of the
-        # version-tagged file of one shadowing the other.
+        # Named _vhost_rpmsg_vring.abi3.so like the setuptools build (cffi asks
+        # setuptools for the limited API there), so the two builds replace each other
+        # instead of the version-tagged file of one shadowing the other.
         extra["py_limited_api"] = True
     ffi.set_source(
-        "vhost_rpmsg._vring_c",
+        "_vhost_rpmsg_vring",
         '#include "vring.h"',
         sources=[_path("vring.c", absolute)],
         depends=[_path("vring.h", absolute), _path("le.h", absolute)],
@@ -164,10 +167,9 @@ def _build_in_tree() -> str:
     root = os.path.dirname(_HERE)
     tmp = os.path.join(root, "build", "cffi")
     built = make_ffi(absolute=True).compile(tmpdir=tmp, verbose=False)
-    pkg = os.path.join(root, "vhost_rpmsg")
-    for old in glob.glob(os.path.join(pkg, "_vring_c*.so")):
+    for old in glob.glob(os.path.join(root, "_vhost_rpmsg_vring*.so")):
         os.remove(old)
-    dest = os.path.join(pkg, os.path.basename(built))
+    dest = os.path.join(root, os.path.basename(built))
     shutil.copy2(built, dest)
     return dest
 

@@ -1,5 +1,5 @@
 /*
- * guest_ring.h - the simulated guest's hot loops in C (vhost_rpmsg._guest_c).
+ * guest_ring.h - the simulated guest's hot loops in C (_vhost_rpmsg_guest).
  *
  * The driver side of a split ring, as vhost_rpmsg/guest/ring.py (DriverRing) and
  * vhost_rpmsg/guest/rpmsg_guest.py (SimGuest) keep it: fill tx buffers and put them on

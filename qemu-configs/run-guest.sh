@@ -6,7 +6,7 @@
 #                [--add FILE[:/guest/path]]... [--vq-size 256] [--mmio]
 #                [--no-device] [--kvm] [--mem 256M] [--smp 1]
 #                [--cmdline "extra kernel args"] [--qemu-arg ARG]...
-#                [--reconnect-ms MS] [--log FILE] [--dry-run]
+#                [--log FILE] [--dry-run]
 #
 # The guest prints (on the serial console = our stdout):
 #   VR-READY kernel=... uptime=... ctrl=/dev/rpmsg_ctrl0   modules loaded
@@ -19,16 +19,19 @@
 # order, later files override earlier ones), so nothing is rebuilt per run.
 #
 # Environment: VHOST_RPMSG_CACHE (as provision.sh), VHOST_RPMSG_KVM=1 (= --kvm),
-# VR_QEMU / VR_KERNEL / VR_INITRD_BASE to override the cached artefacts.
+# VR_QEMU / VR_KERNEL / VR_INITRD_BASE to override the cached artefacts, VR_PYTHON
+# (default python3) the interpreter that builds the QEMU line.
 set -euo pipefail
 
 CACHE=${VHOST_RPMSG_CACHE:-$HOME/.cache/vhost-rpmsg}
 QEMU=${VR_QEMU:-$CACHE/bin/qemu-system-x86_64}
 KERNEL=${VR_KERNEL:-$CACHE/kernel/vmlinux}
 INITRD_BASE=${VR_INITRD_BASE:-$CACHE/initramfs-base.cpio}
+PYTHON=${VR_PYTHON:-python3}
+HERE=$(cd "$(dirname "$0")" && pwd)
 
 socket="" timeout=120 cmd="" script="" vq_size=256 mmio=0 nodev=0
-kvm=${VHOST_RPMSG_KVM:-0} mem=256M smp=1 extra_cmdline="" reconnect=""
+kvm=${VHOST_RPMSG_KVM:-0} mem=256M smp=1 extra_cmdline=""
 logfile="" dry=0
 adds=() qemu_extra=()
 
@@ -50,7 +53,6 @@ while [ $# -gt 0 ]; do
 	--smp) smp=$2; shift 2 ;;
 	--cmdline) extra_cmdline="$extra_cmdline $2"; shift 2 ;;
 	--qemu-arg) qemu_extra+=("$2"); shift 2 ;;
-	--reconnect-ms) reconnect=$2; shift 2 ;;
 	--log) logfile=$2; shift 2 ;;
 	--dry-run) dry=1; shift ;;
 	-h|--help) usage; exit 0 ;;
@@ -95,39 +97,40 @@ cp "$INITRD_BASE" "$initrd"
 (cd "$ov" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >> "$initrd"
 
 # ---- QEMU command line ------------------------------------------------------
+# Exactly the line `vhost-rpmsg qemu-cmdline` prints for these options (one builder,
+# vhost_rpmsg/qemu.py, run here with the stdlib only): what a user copies is what the
+# suite boots.  Only the kernel, initrd and its command line are the suite's own.
 append="console=ttyS0 panic=-1 loglevel=4 $extra_cmdline"
-args=()
-if [ "$kvm" = 1 ]; then
-	args+=(-accel kvm -cpu host)
-else
-	args+=(-accel tcg -cpu max)
+if [ "$mmio" = 1 ] && [ "$kvm" = 0 ]; then
+	# Host fact: microvm has no HPET or PM timer and PIT calibration under TCG fails
+	# now and then, so the guest is told its TSC rate, which under TCG is the host's.
+	tsc=$CACHE/bin/tsc-khz
+	if [ ! -x "$tsc" ] || [ "$HERE/host/tsc-khz.c" -nt "$tsc" ]; then
+		mkdir -p "$CACHE/bin"
+		cc -O2 -Wall -Wextra -Werror -o "$tsc.tmp" "$HERE/host/tsc-khz.c" &&
+			mv "$tsc.tmp" "$tsc" || die "cannot build $tsc (needs cc)"
+	fi
+	khz=$("$tsc") || die "the host TSC rate cannot be measured: microvm under TCG needs it"
+	echo "run-guest: host TSC ${khz} kHz (measured), passed as tsc_early_khz" >&2
+	append="$append tsc_early_khz=$khz"
 fi
-args+=(-object "memory-backend-memfd,id=mem,size=$mem,share=on" -m "$mem" -smp "$smp")
-if [ "$mmio" = 1 ]; then
-	# microvm: virtio-mmio transports.  With ACPI (microvm default) QEMU
-	# describes the used transports in the DSDT (the guest's virtio_mmio
-	# binds via ACPI); with acpi=off it appends virtio_mmio.device=... to the
-	# kernel command line.  virtio-mmio defaults to the legacy (v1) register
-	# layout: force-legacy=off gives a modern (v2) transport so VERSION_1 is
-	# negotiated exactly as on PCI.
-	args+=(-machine "microvm,memory-backend=mem,rtc=on"
-		-global virtio-mmio.force-legacy=off)
-	# No HPET/PM timer on microvm: under TCG the PIT-based TSC calibration
-	# often fails and the kernel then hangs early.  Tell it the TSC rate
-	# (TCG's TSC runs at the host rate).
-	khz=$(awk '/^cpu MHz/ { printf "%d", $4 * 1000; exit }' /proc/cpuinfo 2>/dev/null || true)
-	[ "$kvm" = 1 ] || append="$append tsc_early_khz=${khz:-2000000}"
-	devname=vhost-user-test-device
-else
-	args+=(-machine "q35,memory-backend=mem")
-	devname=vhost-user-test-device-pci
-fi
-args+=(-nographic -no-reboot -nic none -kernel "$KERNEL" -initrd "$initrd" -append "$append")
-if [ "$nodev" = 0 ]; then
-	chr="socket,id=vr,path=$socket"
-	[ -n "$reconnect" ] && chr="$chr,reconnect-ms=$reconnect"
-	args+=(-chardev "$chr"
-		-device "$devname,chardev=vr,virtio-id=7,num_vqs=2,vq_size=$vq_size")
+line=$(PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m vhost_rpmsg.qemu \
+	socket_path="${socket:-/nonexistent}" qemu="$QEMU" memory="$mem" smp="$smp" \
+	vq_size="$vq_size" mmio="$mmio" accel="$([ "$kvm" = 1 ] && echo kvm || echo tcg)" \
+	kernel="$KERNEL" initrd="$initrd" append="$append" no_reboot=1) ||
+	die "the QEMU line could not be built (vhost_rpmsg/qemu.py)"
+eval "args=($line)"   # shlex-quoted by qemu-cmdline
+args=("${args[@]:1}")  # argv[0] is the QEMU binary
+if [ "$nodev" = 1 ]; then
+	# provisioning's smoke boot: the same line without the vhost-user device
+	kept=()
+	for ((i = 0; i < ${#args[@]}; i++)); do
+		case "${args[i]}" in
+		-chardev|-device) i=$((i + 1)) ;;
+		*) kept+=("${args[i]}") ;;
+		esac
+	done
+	args=("${kept[@]}")
 fi
 args+=("${qemu_extra[@]+"${qemu_extra[@]}"}")
 

@@ -61,3 +61,22 @@ def serve(tmp_path: object) -> Iterator[Callable[..., Running]]:
                 g.disconnect()
         r.loop.call(r.server.close)
         r.loop.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The real-guest suite's per-boot figures, when it ran."""
+    from tests.test_qemu_guest import GUEST_REPORT
+
+    if not GUEST_REPORT:
+        return
+    tr = terminalreporter
+    tr.section("real guest: per boot (backend µs/msg: its CPU over the whole boot ÷ "
+               "messages the guest programs reported)")
+    tr.write_line(f"{'test':52} {'boots':>5} {'rc':>3} {'boot s':>7} {'run s':>6} "
+                  f"{'msgs':>8} {'backend µs/msg':>14}")
+    for r in GUEST_REPORT:
+        boot = f"{r['boot_s']:.2f}" if r["boot_s"] is not None else "-"
+        per = (f"{r['backend_cpu_us_per_msg']:.1f}"
+               if r["backend_cpu_us_per_msg"] is not None else "-")
+        tr.write_line(f"{r['test']!s:52} {r['boots']!s:>5} {r['rc']!s:>3} {boot:>7} "
+                      f"{r['run_s']:>6.1f} {r['messages']!s:>8} {per:>14}")

@@ -1,13 +1,19 @@
-"""Guest memory and rings built directly (no socket), for ring-level tests."""
+"""Test helpers: guest memory and rings built directly (no socket), a ``serve`` process,
+and the real-guest image check."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from vhost_rpmsg.guest.ring import DriverRing, RingLayout
 from vhost_rpmsg.memory import GuestMemory
@@ -66,3 +72,42 @@ def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(0.002)
+
+
+#: Where qemu-configs/provision.sh caches the guest image, and what a boot needs of it.
+GUEST_CACHE = Path(os.environ.get("VHOST_RPMSG_CACHE",
+                                  Path.home() / ".cache" / "vhost-rpmsg"))
+GUEST_IMAGE = [GUEST_CACHE / "bin" / "qemu-system-x86_64", GUEST_CACHE / "kernel" / "vmlinux",
+               GUEST_CACHE / "initramfs-base.cpio"]
+
+
+def require_guest_image() -> None:
+    """Skip (fail under VHOST_RPMSG_REQUIRE_QEMU=1, as in CI) without the guest image."""
+    missing = [str(p) for p in GUEST_IMAGE if not p.exists()]
+    if missing:
+        reason = (f"guest image not provisioned ({', '.join(missing)} missing): "
+                  "run qemu-configs/provision.sh")
+        if os.environ.get("VHOST_RPMSG_REQUIRE_QEMU") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def wait_path(p: Path, proc: subprocess.Popen[bytes], seconds: float = 30) -> None:
+    """Wait until a server process publishes ``p``; its stderr if it dies first."""
+    deadline = time.monotonic() + seconds
+    while not p.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(proc.stderr.read().decode() if proc.stderr else "no socket")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def serving(argv: list[str], path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process from ``argv``, once ``path`` exists; it must exit 0 on SIGTERM."""
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    try:
+        wait_path(path, proc)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

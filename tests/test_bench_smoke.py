@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from vhost_rpmsg import bench
@@ -26,8 +27,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert 0 < report.backend_peak_rss_mb[engine] < 1024
     for c in report.cases:
         assert c.messages > 0 and c.seconds > 0 and c.msgs_per_s > 0
-        cores = os.cpu_count() or 1
-        assert 0 < c.backend_cpu <= cores + 0.1 and 0 < c.guest_cpu <= cores + 0.1
+        # The wall window encloses both CPU readings: a share above the cores the
+        # processes could use would be a broken measurement, not noise.
+        cores = len(os.sched_getaffinity(0))
+        assert 0 < c.backend_cpu <= cores + 0.01, c
+        assert 0 < c.guest_cpu <= cores + 0.01, c
     echo = report.find("echo", engines[0])
     assert echo is not None and echo.p50_us is not None and echo.p99_us is not None
     assert 0 < echo.p50_us <= echo.p99_us
@@ -38,3 +42,21 @@ def test_bench_smoke(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert len(data["cases"]) == len(report.cases)
     assert set(data["ratios"]) == set(report.ratios())
+
+
+def test_cpu_share_of_short_windows_never_exceeds_one_core() -> None:
+    """A single-threaded busy loop over sub-millisecond windows uses at most one core.
+
+    /proc/PID/task/*/schedstat, read for a thread that is running, lags by up to a
+    scheduler tick and gave shares of 1.16 here (4.6 cores in a CI run of the bench).
+    """
+    worst = 0.0
+    for _ in range(300):
+        t0 = time.perf_counter()
+        c0 = bench._cpu_seconds(os.getpid())
+        x = 0
+        for i in range(3000):
+            x += i
+        c1 = bench._cpu_seconds(os.getpid())
+        worst = max(worst, (c1 - c0) / (time.perf_counter() - t0))
+    assert 0 < worst <= 1.01

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from tests.helpers import wait_path
 from vhost_rpmsg.cli import app
 from vhost_rpmsg.endpoints.registry import EndpointSpec, PluginError, build
 from vhost_rpmsg.guest import SimGuest
@@ -24,14 +25,6 @@ runner = CliRunner()
 def _serve(*args: str, **kw: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "vhost_rpmsg.cli", "serve", *args],
                             stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
-
-
-def _wait_path(p: Path, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while not p.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(proc.stderr.read().decode() if proc.stderr else "no socket")
-        time.sleep(0.05)
 
 
 def test_print_capabilities() -> None:
@@ -47,7 +40,7 @@ def test_serve_socket_count_and_sigterm(tmp_path: Path) -> None:
     try:
         for i in range(2):
             p = Path(f"{base}{i}")
-            _wait_path(p, proc)
+            wait_path(p, proc)
             assert oct(p.stat().st_mode & 0o777) == "0o600"
         with SimGuest(f"{base}0") as g0, SimGuest(f"{base}1") as g1:
             for g in (g0, g1):
@@ -87,16 +80,31 @@ def test_serve_inherited_fd(tmp_path: Path) -> None:
 def test_serve_refuses_bad_arguments_clearly(args: list[str]) -> None:
     out = runner.invoke(app, ["serve", *args])
     assert out.exit_code == 2
-    assert "Error" in out.output
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
 
 
 def test_qemu_cmdline() -> None:
     out = runner.invoke(app, ["qemu-cmdline", "--socket-path", "/run/r.sock"])
     assert out.exit_code == 0
-    line = out.stdout
+    argv = shlex.split(out.stdout)
     for part in ("vhost-user-test-device-pci,chardev=rpmsg0,virtio-id=7,num_vqs=2,vq_size=256",
-                 "path=/run/r.sock", "memory-backend-memfd,id=mem,size=256M,share=on"):
-        assert part in line
+                 "socket,id=rpmsg0,path=/run/r.sock",
+                 "memory-backend-memfd,id=mem,size=256M,share=on"):
+        assert part in argv
+    # one accelerator that works everywhere; no reconnect, which QEMU 11.1 refuses here
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert "reconnect" not in out.stdout
+    mmio = shlex.split(runner.invoke(app, ["qemu-cmdline", "-s", "/r", "--mmio"]).stdout)
+    assert "vhost-user-test-device,chardev=rpmsg0,virtio-id=7,num_vqs=2,vq_size=256" in mmio
+    assert mmio[mmio.index("-machine") + 1].split(",")[0] == "microvm"
+    assert "pic=off" in mmio[mmio.index("-machine") + 1]
+
+
+@pytest.mark.parametrize("args", [["--accel", "kvm:tcg"], ["--vq-size", "100"], ["--smp", "0"]])
+def test_qemu_cmdline_refuses_bad_values(args: list[str]) -> None:
+    out = runner.invoke(app, ["qemu-cmdline", "-s", "/r", *args])
+    assert out.exit_code == 2
+    assert out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1
 
 
 def test_demo_runs_and_checks_echo() -> None:
@@ -122,3 +130,12 @@ def test_endpoint_specs() -> None:
     for bad in ("", "a:b:c", "echo@", "source@1030", "sink,size=3", "echo@0x35"):
         with pytest.raises(PluginError):
             build([bad])
+
+
+def test_docs_show_the_line_qemu_cmdline_prints() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "qemu.md").read_text()
+    prompt = "$ vhost-rpmsg qemu-cmdline -s /tmp/rpmsg.sock\n"
+    shown = doc[doc.index(prompt) + len(prompt):]
+    shown = shown[:shown.index("```")]
+    printed = runner.invoke(app, ["qemu-cmdline", "-s", "/tmp/rpmsg.sock"]).stdout
+    assert shlex.split(shown.replace("\\\n", " ")) == shlex.split(printed)

@@ -56,7 +56,7 @@ else:
 
 needs_cffi = pytest.mark.skipif(
     IMPORT_ERROR is not None,
-    reason=f"cffi engine not built (vhost_rpmsg._vring_c: {IMPORT_ERROR}); "
+    reason=f"cffi engine not built (_vhost_rpmsg_vring: {IMPORT_ERROR}); "
     "build it with `pip install .` or `python cext/build_vring.py`",
 )
 
@@ -1114,7 +1114,7 @@ def test_engine_selection() -> None:
 
 def test_auto_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch,
                                         caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setitem(sys.modules, "vhost_rpmsg._vring_c", None)  # import fails
+    monkeypatch.setitem(sys.modules, "_vhost_rpmsg_vring", None)  # import fails
     monkeypatch.delitem(sys.modules, "vhost_rpmsg.engine_cffi", raising=False)
     with caplog.at_level(logging.WARNING, "vhost_rpmsg.engines"):
         assert engines.queue_factory("auto") is SplitQueue

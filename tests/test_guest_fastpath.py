@@ -13,7 +13,7 @@ Two kinds of test:
   in order), host sources to counting and inbox endpoints, a 16-bit index wrap; the two
   paths must end with the same counts, bytes, stats and server counters.
 
-Skipped, with the reason, only when ``vhost_rpmsg._guest_c`` is not built; with
+Skipped, with the reason, only when ``_vhost_rpmsg_guest`` is not built; with
 VHOST_RPMSG_REQUIRE_CFFI=1 (CI) a missing build fails instead.
 """
 
@@ -45,7 +45,7 @@ IMPORT_ERROR = fastpath.IMPORT_ERROR
 
 needs_fast = pytest.mark.skipif(
     IMPORT_ERROR is not None,
-    reason=f"guest fast path not built (vhost_rpmsg._guest_c: {IMPORT_ERROR}); "
+    reason=f"guest fast path not built (_vhost_rpmsg_guest: {IMPORT_ERROR}); "
     "build it with `pip install .` or `python cext/build_guest.py`",
 )
 
@@ -57,7 +57,7 @@ def test_guest_fast_path_is_built() -> None:
         assert SimGuest("/nonexistent").fast  # auto picks it
         return
     if os.environ.get("VHOST_RPMSG_REQUIRE_CFFI") == "1":
-        pytest.fail(f"VHOST_RPMSG_REQUIRE_CFFI=1 but vhost_rpmsg._guest_c cannot be "
+        pytest.fail(f"VHOST_RPMSG_REQUIRE_CFFI=1 but _vhost_rpmsg_guest cannot be "
                     f"imported: {IMPORT_ERROR!r}")
     pytest.skip(f"guest fast path not built: {IMPORT_ERROR}")
 

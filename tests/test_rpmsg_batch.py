@@ -13,7 +13,7 @@ from vhost_rpmsg.rpmsg import codec as rp
 from vhost_rpmsg.virtqueue import ChainError, RawBatch
 
 try:
-    import vhost_rpmsg._vring_c  # noqa: F401
+    import _vhost_rpmsg_vring  # noqa: F401
     NATIVE = True
 except ImportError:  # the cffi tests elsewhere fail under VHOST_RPMSG_REQUIRE_CFFI=1
     NATIVE = False

@@ -11,14 +11,16 @@ Floors: a bare memcpy of the same bytes (numpy, one bulk copy) and an eventfd
 ping-pong between two processes (the least any cross-process round trip costs).
 With ``pin``, server and guest (and the two ping-pong processes) run on different CPUs;
 by default the scheduler places them, as it would in use.
-Backend and guest CPU shares come from /proc/PID/task/*/schedstat (CPU time over the
-case's wall time, so 1.0 is one core busy);
+Backend and guest CPU shares come from the kernel's per-process CPU clocks (CPU time
+of all threads over the case's wall time, so 1.0 is one core busy);
 the backend's peak RSS from its VmHWM.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import multiprocessing as mp
 import os
 import select
@@ -35,6 +37,66 @@ from .endpoints.builtin import Echo, Sink
 
 SINK, ECHO, CTL = 1024, 1025, 1026
 GUEST_ADDR = 2000
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal for one figure of :meth:`Report.figures`, and where it was set."""
+
+    figure: str
+    what: str
+    op: str  # ">=" or "<="
+    goal: float
+    unit: str  # "x" for a ratio
+    source: str
+
+    def met(self, value: float) -> bool:
+        return value >= self.goal if self.op == ">=" else value <= self.goal
+
+
+PERF_DOC = "docs/performance.md"
+PERF_ISSUE = "performance issue"
+#: Every target the project has set, in one place: the figure, its goal, its source.
+#: Figures come from the cffi engine where it ran (python otherwise), all within one run.
+TARGETS: tuple[Target, ...] = (
+    Target("sink16_cffi_over_python", "sink 16 B: cffi / python message rate", ">=", 20,
+           "x", PERF_DOC),
+    Target("sink496_over_memcpy", "sink 496 B / memcpy floor message rate", ">=", 0.10,
+           "x", PERF_DOC),
+    Target("sink496_over_memcpy", "sink 496 B / memcpy floor message rate", ">=", 0.8,
+           "x", PERF_ISSUE),
+    Target("source496_over_sink496", "source 496 B / sink 496 B message rate", ">=", 0.25,
+           "x", PERF_ISSUE),
+    Target("echo_p50_over_pingpong", "echo p50 / eventfd ping-pong p50", "<=", 2.0, "x",
+           PERF_DOC),
+    Target("backend_cpu_per_echo_us", "backend CPU per echo round trip", "<=", 10, "µs",
+           PERF_ISSUE),
+    Target("backend_peak_rss_mb", "backend peak RSS (largest engine)", "<=", 80, "MB",
+           PERF_DOC),
+)
+
+
+def _sig3(value: float) -> str:
+    """Three significant digits, trailing zeros kept: 1.41, 19.7, 118, 0.142."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    return f"{value:.{max(0, 2 - math.floor(math.log10(abs(value))))}f}"
+
+
+def human(value: float, unit: str) -> str:
+    """``value`` in ``unit`` as a person reads it: 1.41 G msgs/s, 69.0 µs, 42.9 MB, 2.80x."""
+    if unit == "x":
+        return f"{_sig3(value)}x"
+    if unit == "msgs/s":
+        for scale, prefix in ((1e9, "G "), (1e6, "M "), (1e3, "k "), (0, "")):
+            if abs(value) >= scale:
+                return f"{_sig3(value / (scale or 1))} {prefix}msgs/s"
+    return f"{value:.1f} {unit}"
+
+
+def floor_unit(key: str) -> str:
+    """The unit of a floor, from its name in :attr:`Report.floors`."""
+    return "msgs/s" if key.endswith("_msgs_per_s") else "µs" if key.endswith("_us") else ""
 
 
 @dataclass
@@ -83,6 +145,31 @@ class Report:
         echo = self.find("echo", "cffi") or self.find("echo", "python")
         if echo and echo.p50_us and self.floors.get("eventfd_pingpong_p50_us"):
             out["echo_p50_over_pingpong"] = echo.p50_us / self.floors["eventfd_pingpong_p50_us"]
+        if s496:
+            src = self.find("source", s496.engine, 496)
+            if src and s496.msgs_per_s:
+                out["source496_over_sink496"] = src.msgs_per_s / s496.msgs_per_s
+        return out
+
+    def figures(self) -> dict[str, float]:
+        """Every figure a target is stated in: the ratios, and two absolute ones."""
+        out = self.ratios()
+        echo = self.find("echo", "cffi") or self.find("echo", "python")
+        if echo and echo.messages:
+            out["backend_cpu_per_echo_us"] = echo.backend_cpu * echo.seconds / echo.messages * 1e6
+        if self.backend_peak_rss_mb:
+            out["backend_peak_rss_mb"] = max(self.backend_peak_rss_mb.values())
+        return out
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Each target with this run's value and whether it was met (None: not measured,
+        e.g. with --sizes lacking 496 or --engines lacking one of a pair)."""
+        figures = self.figures()
+        out = []
+        for t in TARGETS:
+            value = figures.get(t.figure)
+            out.append(asdict(t) | {"value": value,
+                                    "met": None if value is None else t.met(value)})
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -92,6 +179,8 @@ class Report:
             "floors": self.floors,
             "backend_peak_rss_mb": self.backend_peak_rss_mb,
             "ratios": self.ratios(),
+            "figures": self.figures(),
+            "targets": self.targets(),
             "machine": self.machine,
         }
 
@@ -168,17 +257,19 @@ def _server_main(path: str, engine: str, ready: Any, cpu: int | None = None) -> 
 # -------------------------------------------------------------------- guest process
 
 
-def _cpu_seconds(pid: int | str = "self") -> float:
-    """CPU time of every thread of ``pid`` so far, in ns resolution (schedstat)."""
-    total = 0
-    task_dir = f"/proc/{pid}/task"
-    for tid in os.listdir(task_dir):
-        try:
-            with open(f"{task_dir}/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # a thread that just ended
-    return total / 1e9
+def _cpu_seconds(pid: int | None = None) -> float:
+    """CPU time so far of every thread of process ``pid`` (default: this one).
+
+    Read from the kernel's per-process CPU clock, which brings a running thread's
+    runtime up to date before answering.  /proc/PID/task/*/schedstat does not: a thread
+    that is on a CPU shows the runtime of its last scheduler event, so over a case of
+    well under a millisecond it could report more CPU than the machine has.
+    """
+    if pid is None:
+        return time.process_time()
+    # clock_getcpuclockid(pid): CPUCLOCK_SCHED (2) of the whole process, as the kernel
+    # encodes it (include/linux/posix-timers_types.h: ~pid << 3, thread bit clear).
+    return time.clock_gettime((~pid << 3) | 2)
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -205,11 +296,14 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
             return int(reply.split(b":")[1])
 
         def measure(name: str, size: int, n: int, run: Callable[[], None]) -> None:
-            b0, g0, t0 = _cpu_seconds(server_pid), _cpu_seconds(), time.perf_counter()
+            out.send(("case", name, size))  # progress, before the timed window
+            # The wall-clock window encloses both CPU readings, so no share can exceed
+            # the cores the processes could run on.
+            t0 = time.perf_counter()
+            b0, g0 = _cpu_seconds(server_pid), _cpu_seconds()
             run()
-            t1 = time.perf_counter()
             b1, g1 = _cpu_seconds(server_pid), _cpu_seconds()
-            wall = t1 - t0
+            wall = time.perf_counter() - t0
             results.append(dict(name=name, engine=engine, size=size, messages=n, seconds=wall,
                                 backend_cpu=(b1 - b0) / wall, guest_cpu=(g1 - g0) / wall))
 
@@ -318,25 +412,32 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
             if not ready.wait(30):
                 server.kill()
                 raise RuntimeError(f"bench server ({engine}) did not start")
-            progress(f"engine {engine}: guest running {len(sizes)}x2 throughput cases + echo")
             recv, send = ctx.Pipe(duplex=False)
             assert server.pid is not None
             guest = ctx.Process(target=_guest_main, args=(
                 path, server.pid, engine, sizes, messages, samples, send, guest_cpu))
             guest.start()
-            if not recv.poll(600):
-                guest.kill()
-                server.kill()
-                raise RuntimeError(f"bench guest ({engine}) produced no result")
-            for r in recv.recv():
+            ncases = 2 * len(sizes) + 1
+            for k in itertools.count(1):
+                if not recv.poll(600):
+                    guest.kill()
+                    server.kill()
+                    raise RuntimeError(f"bench guest ({engine}) produced no result")
+                msg = recv.recv()
+                if not isinstance(msg, tuple):  # the results, when all cases are done
+                    break
+                _, name, size = msg
+                progress(f"{engine} engine: {name} {size} B (case {k} of {ncases})")
+            for r in msg:
                 report.cases.append(Case(**r))
             guest.join(10)
             report.backend_peak_rss_mb[engine] = _peak_rss_mb(server.pid)
             server.terminate()
             server.join(10)
-    progress("floors: memcpy and eventfd ping-pong")
     for size in sizes:
+        progress(f"floor: memcpy of {size} B messages")
         report.floors[f"memcpy{size}_msgs_per_s"] = memcpy_floor(size, max(messages, 10000))
+    progress("floor: eventfd ping-pong")
     p50, p99 = eventfd_pingpong_floor(max(samples, 1000), pin)
     report.floors["eventfd_pingpong_p50_us"] = p50
     report.floors["eventfd_pingpong_p99_us"] = p99
@@ -344,7 +445,7 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
 
 
 def render(report: Report) -> list[Any]:
-    """Rich tables: the cases, the floors, and the ratios the targets are stated in."""
+    """Rich tables: the cases, the floors, and each target with its goal, met or missed."""
     from rich.table import Table
 
     cases = Table(title="vhost-rpmsg bench: cases")
@@ -360,15 +461,21 @@ def render(report: Report) -> list[Any]:
     floors.add_column("what")
     floors.add_column("value", justify="right")
     for k, v in report.floors.items():
-        floors.add_row(k, f"{v:,.1f}")
+        floors.add_row(k, human(v, floor_unit(k)))
     for engine, rss in report.backend_peak_rss_mb.items():
-        floors.add_row(f"backend peak RSS ({engine})", f"{rss:.1f} MB")
-    ratios = Table(title="ratios (targets: >= 20, >= 0.10, <= 2.0)")
-    ratios.add_column("ratio")
-    ratios.add_column("value", justify="right")
-    for k, v in report.ratios().items():
-        ratios.add_row(k, f"{v:.3f}")
-    return [cases, floors, ratios]
+        floors.add_row(f"backend peak RSS ({engine})", human(rss, "MB"))
+    met = sum(t["met"] is True for t in report.targets())
+    targets = Table(title=f"targets: {met} of {len(TARGETS)} met")
+    for col in ("target", "goal", "this run", "verdict", "set in"):
+        targets.add_column(col, justify="right" if col in ("goal", "this run") else "left")
+    for t in report.targets():
+        value = "—" if t["value"] is None else human(t["value"], t["unit"])
+        mark = {True: "[green]✓ met[/]", False: "[red]✗ missed[/]",
+                None: "[yellow]not measured[/]"}[t["met"]]
+        op = {">=": "≥", "<=": "≤"}[t["op"]]
+        targets.add_row(t["what"], f'{op} {human(t["goal"], t["unit"])}', value, mark,
+                        t["source"])
+    return [cases, floors, targets]
 
 
 def write_json(report: Report, path: str) -> None:

@@ -3,30 +3,91 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
-import shlex
+import shutil
 import signal
 import socket
+import stat
 import sys
+import sysconfig
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer 0.2x carries its own copy of click
+    from typer import _click as click
+except ImportError:  # older typer: click itself
+    import click  # type: ignore[no-redef]
 
 from . import __version__
-from .endpoints.registry import PluginError, build, plugins
+from .endpoints.base import Endpoint
+from .endpoints.registry import PluginError, build, options, registry, summary
+from .endpoints.unix import UnixBridge
 from .engines import EngineUnavailable, QueueFactory, queue_factory
+from .qemu import QemuLine
+from .rpmsg import codec as rp
 from .rpmsg.device import RpmsgDevice
-from .vhost_user.server import VhostUserServer, listen_unix
+from .vhost_user.server import (
+    SocketPathError,
+    UnixListener,
+    VhostUserServer,
+    check_socket_path,
+    listen_unix,
+)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """End the command with one ``error: …`` line on stderr and exit status ``code``."""
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(code)
+
+
+#: click >= 8.2 raises this for a bare command; show() prints the help, as it should
+_HELP_FOR_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _usage_failure(e: click.ClickException) -> NoReturn:
+    hint = ""
+    if isinstance(e, click.exceptions.UsageError) and e.ctx is not None:
+        hint = f" (see '{e.ctx.command_path} --help')"
+    _fail(e.format_message() + hint, e.exit_code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Command-line errors as one ``error: …`` line on stderr (exit status 2) instead of
+    a usage box, so what a supervisor (systemd, libvirt) logs is the whole message."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except _HELP_FOR_NO_ARGS:
+            raise
+        except click.ClickException as e:
+            _usage_failure(e)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _HELP_FOR_NO_ARGS:
+            raise
+        except click.ClickException as e:
+            _usage_failure(e)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors,
                   help="A vhost-user backend serving RPMsg (virtio id 7) to virtual machines.")
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 110)
 log = logging.getLogger("vhost_rpmsg")
@@ -36,9 +97,15 @@ LogLevel = Annotated[str, typer.Option("--log-level", "-l",
 EngineOpt = Annotated[str, typer.Option("--engine", help="ring engine: auto, cffi or python")]
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _setup_logging(level: str) -> None:
+    if level.lower() not in _LOG_LEVELS:
+        raise typer.BadParameter(f"{level!r} is not one of {', '.join(_LOG_LEVELS)}",
+                                 param_hint="--log-level")
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -58,55 +125,177 @@ def _socket_paths(path: str, count: int) -> list[str]:
 
 @app.command()
 def serve(
-    socket_path: Annotated[str | None, typer.Option(help="unix socket to listen on")] = None,
-    fd: Annotated[int | None, typer.Option(help="inherited listening socket fd")] = None,
-    socket_count: Annotated[int, typer.Option(help="guests to serve (paths get 0..N-1)")] = 1,
-    socket_mode: Annotated[str, typer.Option(help="permissions of the socket file")] = "0600",
+    socket_path: Annotated[str | None, typer.Option(
+        "--socket-path", "-s", help="unix socket to listen on")] = None,
+    fd: Annotated[int | None, typer.Option(
+        help="inherited listening unix socket, by file descriptor number")] = None,
+    socket_count: Annotated[int, typer.Option(
+        help="guests to serve, one socket each: with N > 1 the socket path and every "
+             "unix endpoint's path= get the index 0..N-1 appended")] = 1,
+    socket_mode: Annotated[str, typer.Option(
+        help="permissions of the socket file (octal)")] = "0600",
     endpoint: Annotated[list[str] | None, typer.Option(
-        "--endpoint", "-e", help="[NAME:]PLUGIN[@ADDR][,k=v…], repeatable")] = None,
+        "--endpoint", "-e", help=escape("[NAME:]PLUGIN[@ADDR][,k=v…], repeatable"))] = None,
     outbox: Annotated[int, typer.Option(help="messages queued per guest while it has no "
                                               "rx buffer")] = 256,
     print_capabilities: Annotated[bool, typer.Option(
         "--print-capabilities", help="print the backend's capabilities as JSON and exit")] = False,
+    print_descriptor: Annotated[bool, typer.Option(
+        "--print-descriptor", help="print the JSON backend descriptor (QEMU's "
+                                   "vhost-user.json VhostUserBackend) and exit")] = False,
     engine: EngineOpt = "auto",
     log_level: LogLevel = "info",
 ) -> None:
-    """Serve RPMsg to QEMU guests over vhost-user (runs in the foreground)."""
+    """Serve RPMsg to QEMU guests over vhost-user (runs in the foreground).
+
+    Everything is checked before anything is created; a startup failure is one
+    "error:" line on stderr and a non-zero exit status (2: bad arguments).
+    """
     if print_capabilities:
-        # The vhost-user spec's backend convention; "rpmsg" is not one of its listed types.
+        # @VHostUserBackendCapabilities of QEMU's vhost-user.json: "rpmsg" is one of
+        # its backend types, and the spec defines no rpmsg features.
         print(json.dumps({"type": "rpmsg", "features": []}))
+        return
+    if print_descriptor:
+        print(json.dumps(_descriptor(), indent=2))
         return
     _setup_logging(log_level)
     if (socket_path is None) == (fd is None):
-        raise typer.BadParameter("give exactly one of --socket-path or --fd")
+        raise click.exceptions.UsageError("give exactly one of --socket-path or --fd")
     if fd is not None and socket_count != 1:
-        raise typer.BadParameter("--fd serves one guest; drop --socket-count")
-    specs = endpoint if endpoint is not None else ["rpmsg-raw:echo@1024"]
-    try:
-        build(specs)  # fail early and clearly on a bad spec
-    except PluginError as e:
-        raise typer.BadParameter(str(e), param_hint="--endpoint") from e
+        raise click.exceptions.UsageError("--fd serves one guest; drop --socket-count")
+    if socket_count < 1:
+        raise typer.BadParameter(f"{socket_count}: serve at least one guest",
+                                 param_hint="--socket-count")
+    if outbox < 0:
+        raise typer.BadParameter(f"{outbox}: cannot be negative", param_hint="--outbox")
+    mode = _socket_mode(socket_mode)
     factory = _queue_factory(engine)
-    mode = int(socket_mode, 8)
+    specs = endpoint if endpoint is not None else ["rpmsg-raw:echo@1024"]
+    sets = [_endpoints(specs, i if socket_count > 1 else None) for i in range(socket_count)]
+    paths = _socket_paths(socket_path, socket_count) if socket_path is not None else []
+    _check_paths([(p, "--socket-path") for p in paths]
+                 + [(ep.path, f"--endpoint {ep.plugin}@{ep.addr}")
+                    for eps in sets for ep in eps if isinstance(ep, UnixBridge)])
+    # Checked: now create.  Anything that still fails (a race) is undone before exiting.
+    socks: list[socket.socket] = [_inherited_listener(fd)] if fd is not None else []
+    devices: list[RpmsgDevice] = []
+    try:
+        socks += [listen_unix(p, mode) for p in paths]
+        devices += [RpmsgDevice(eps, outbox_limit=outbox) for eps in sets]  # bridges bind
+    except (OSError, ValueError) as e:
+        for ep in (ep for eps in sets for ep in eps):
+            with contextlib.suppress(Exception):
+                ep.close()
+        for sock in socks:
+            if isinstance(sock, UnixListener):
+                sock.remove_path()
+            sock.close()
+        _fail(str(e))
     servers: list[VhostUserServer] = []
-    if fd is not None:
-        socks = [socket.socket(fileno=fd)]
-    else:
-        assert socket_path is not None
-        socks = [listen_unix(p, mode) for p in _socket_paths(socket_path, socket_count)]
-    for sock in socks:
-        device = RpmsgDevice(build(specs), outbox_limit=outbox)
+    for sock, device in zip(socks, devices, strict=True):
         device.guest_ns_listeners.append(
             lambda ns: log.info("guest announced %r at %d (%s)", ns.name, ns.addr,
                                 ns.flags.name.lower()))
         servers.append(VhostUserServer(device, sock, queue_factory=factory))
-    for s in servers:
-        eps = ", ".join(ep.describe() for ep in s.device.endpoints.values())  # type: ignore[attr-defined]
+    for s, device in zip(servers, devices, strict=True):
+        eps = ", ".join(ep.describe() for ep in device.endpoints.values())
         log.info("%s: engine %s, endpoints: %s", s.name, factory(0, 1).engine, eps)
-    asyncio.run(_serve_until_signal(servers))
+    asyncio.run(_serve_until_signal(servers, devices))
 
 
-async def _serve_until_signal(servers: list[VhostUserServer]) -> None:
+def _socket_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an octal mode such as 0660",
+                                 param_hint="--socket-mode") from None
+    if not 0 <= mode <= 0o777:
+        raise typer.BadParameter(f"{text!r} is not a permission mode (0000..0777)",
+                                 param_hint="--socket-mode")
+    return mode
+
+
+def _endpoints(specs: list[str], index: int | None) -> list[Endpoint]:
+    """One device's endpoints, checked without creating anything (a unix bridge makes
+    its socket only when a device registers it); ``index`` suffixes bridge paths."""
+    try:
+        eps = build(specs)
+    except PluginError as e:
+        raise typer.BadParameter(str(e), param_hint="--endpoint") from e
+    seen: dict[int, Endpoint] = {}
+    for ep in eps:
+        if not 0 <= ep.addr < rp.ADDR_ANY:
+            raise typer.BadParameter(f"{ep.plugin}@{ep.addr}: address out of range",
+                                     param_hint="--endpoint")
+        if ep.addr in seen:
+            first = seen[ep.addr].plugin
+            raise typer.BadParameter(f"host address {ep.addr} given twice ({first} and "
+                                     f"{ep.plugin})", param_hint="--endpoint")
+        seen[ep.addr] = ep
+        if ep.name:
+            try:
+                rp.encode_ns(rp.NsMessage(ep.name, ep.addr, rp.NsFlags.CREATE))
+            except ValueError as e:
+                raise typer.BadParameter(f"{ep.plugin}@{ep.addr}: {e}",
+                                         param_hint="--endpoint") from e
+        if index is not None and isinstance(ep, UnixBridge):
+            ep.path = f"{ep.path}{index}"
+    return eps
+
+
+def _check_paths(wanted: list[tuple[str, str]]) -> None:
+    """Every socket this process will create: distinct, and each one usable."""
+    seen: dict[str, str] = {}
+    for path, what in wanted:
+        key = os.path.join(os.path.realpath(os.path.dirname(path) or "."),
+                           os.path.basename(path))
+        if key in seen:
+            _fail(f"{path}: one socket path for two sockets ({seen[key]} and {what})", 2)
+        seen[key] = what
+        try:
+            check_socket_path(path)
+        except SocketPathError as e:
+            _fail(f"{what}: {e}")
+
+
+def _inherited_listener(fd: int) -> socket.socket:
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        _fail(f"--fd {fd}: {e.strerror}")
+    if not stat.S_ISSOCK(st.st_mode):
+        _fail(f"--fd {fd}: not a socket")
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        _fail(f"--fd {fd}: not a unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        _fail(f"--fd {fd}: socket is not listening")
+    return sock
+
+
+def _descriptor() -> dict[str, object]:
+    """The backend descriptor of QEMU's vhost-user.json (@VhostUserBackend)."""
+    return {"description": "vhost-rpmsg: RPMsg (virtio id 7) for virtual machines",
+            "type": "rpmsg", "binary": _binary(), "tags": [f"version={__version__}"]}
+
+
+def _binary() -> str:
+    """Absolute path of the installed ``vhost-rpmsg`` script."""
+    candidates = []
+    if sys.argv and os.path.basename(sys.argv[0]) == "vhost-rpmsg":
+        candidates.append(sys.argv[0])
+    candidates.append(os.path.join(sysconfig.get_path("scripts"), "vhost-rpmsg"))
+    candidates.append(shutil.which("vhost-rpmsg") or "")
+    for c in filter(None, candidates):
+        if os.path.isfile(c) and os.access(c, os.X_OK):
+            return os.path.abspath(c)
+    _fail("cannot find the vhost-rpmsg script to name in the descriptor "
+          "(is the package installed?)")
+
+
+async def _serve_until_signal(servers: list[VhostUserServer],
+                              devices: list[RpmsgDevice]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -117,20 +306,52 @@ async def _serve_until_signal(servers: list[VhostUserServer]) -> None:
     log.info("stopping")
     for s in servers:
         s.close()
+    for d in devices:
+        d.destroy()  # endpoints release what they hold (a unix bridge its socket)
 
 
 @app.command()
 def demo(
-    messages: Annotated[int, typer.Option(help="echo round trips to run")] = 2000,
+    messages: Annotated[int, typer.Option(help="echo round trips to run; with --endpoint, "
+                                               "messages to send each endpoint")] = 2000,
+    endpoint: Annotated[list[str] | None, typer.Option(
+        "--endpoint", "-e", help=escape("try this endpoint instead of the standard set: "
+                                        "[NAME:]PLUGIN[@ADDR][,k=v…], repeatable"))] = None,
+    payload: Annotated[str, typer.Option(help="with --endpoint: what the guest sends "
+                                              "({i}: the message's number)")] = "message {i}",
+    wait: Annotated[float, typer.Option(help="with --endpoint: seconds the host must stay "
+                                             "idle before the guest stops collecting "
+                                             "replies")] = 0.5,
     engine: EngineOpt = "auto",
     log_level: LogLevel = "warning",
 ) -> None:
-    """Run the server and the built-in simulated guest together; show the traffic."""
+    """Run the server and the built-in simulated guest together; show the traffic.
+
+    With --endpoint, the guest sends each endpoint --messages messages
+    and shows what came back (exit status 1 if an endpoint raised or
+    blocked the server).
+    """
     _setup_logging(log_level)
     factory = _queue_factory(engine)
-    endpoints = build(["rpmsg-raw:echo@1024", "rpmsg-client-sample:echo@1025", "sink@1026"])
-    device = RpmsgDevice(endpoints)
-    sink = endpoints[2]
+    if messages < 0:
+        raise typer.BadParameter(f"{messages}: cannot be negative", param_hint="--messages")
+    if wait < 0:
+        raise typer.BadParameter(f"{wait}: cannot be negative", param_hint="--wait")
+    longest = len(payload.replace("{i}", str(max(messages - 1, 0))).encode())
+    if longest > rp.MAX_PAYLOAD:
+        raise typer.BadParameter(f"{longest} bytes: the guest sends at most {rp.MAX_PAYLOAD}",
+                                 param_hint="--payload")
+    if endpoint:
+        endpoints = _endpoints(endpoint, None)
+    else:
+        endpoints = build(["rpmsg-raw:echo@1024", "rpmsg-client-sample:echo@1025", "sink@1026"])
+    try:
+        device = RpmsgDevice(endpoints)  # a unix bridge makes its socket here
+    except (OSError, ValueError) as e:
+        for ep in endpoints:
+            with contextlib.suppress(Exception):
+                ep.close()
+        _fail(str(e))
     tmp = tempfile.mkdtemp(prefix="vhost-rpmsg-demo-")
     path = os.path.join(tmp, "demo.sock")
     server = VhostUserServer(device, listen_unix(path), queue_factory=factory)
@@ -148,14 +369,137 @@ def demo(
     ready.wait()
     console.print(f"[bold]vhost-rpmsg {__version__}[/] demo: server on {path} "
                   f"(engine {factory(0, 1).engine}), simulated Linux guest connecting")
+    ok = blocked = False
     try:
-        _demo_traffic(path, messages, device, sink)
+        if endpoint:
+            ok = _demo_endpoints(path, messages, payload, wait, device, loop)
+        else:
+            _demo_traffic(path, messages, device, endpoints[2])
+            ok = True
+    except _LoopBlocked:
+        blocked = True
     finally:
+        if not blocked:
+            with contextlib.suppress(Exception):  # endpoints release what they hold
+                _on_loop(loop, device.destroy)
         loop.call_soon_threadsafe(server.close)
         loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
+        t.join(0 if blocked else 5)
         Path(path).unlink(missing_ok=True)
         os.rmdir(tmp)
+    if not ok:
+        raise typer.Exit(1)
+
+
+#: how long the device's loop may take to answer the demo before it counts as blocked
+_DEMO_LOOP_TIMEOUT = 10.0
+
+
+class _LoopBlocked(Exception):
+    """A handler is blocking the device's event loop: the demo gives up on it."""
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Any) -> Any:
+    """Run ``fn`` on the device's loop thread and return its result; TimeoutError when
+    the loop does not get to it (a handler is blocking it)."""
+    async def call() -> Any:
+        return fn()
+    return asyncio.run_coroutine_threadsafe(call(), loop).result(_DEMO_LOOP_TIMEOUT)
+
+
+def _demo_endpoints(path: str, messages: int, payload: str, wait: float, device: RpmsgDevice,
+                    loop: asyncio.AbstractEventLoop) -> bool:
+    """Send each endpoint ``messages`` messages from a guest address of its own and show
+    what comes back; False if an endpoint raised, or blocked the device's loop."""
+    from .guest import GuestTimeout, SimGuest
+
+    ok = True
+    table = Table(title="demo summary")
+    for col in ("endpoint", "guest addr", "sent", "replies", "handler errors"):
+        table.add_column(col, justify="left" if col == "endpoint" else "right")
+    eps = list(device.endpoints.values())
+    guest = SimGuest(path)
+    for k in range(len(eps)):
+        guest.open(2000 + k)  # before the driver probes: a source may send at once
+    with contextlib.closing(guest.start()):
+        for ep in eps:
+            if ep.name:
+                try:
+                    ch = guest.wait_channel(ep.name)
+                except GuestTimeout as e:
+                    console.print(f"[red]{escape(str(e))}[/]")
+                    return False
+                console.print(f"  host announced [cyan]{escape(ch.name)}[/] at address "
+                              f"{ch.addr}")
+        for k, ep in enumerate(eps):
+            me = 2000 + k
+            what = ep.describe()
+            console.print(f"  {escape(what)}: {messages} message(s) from guest address {me}")
+            errors0 = device.stats["handler_errors"]
+            sent: list[bytes] = []
+            try:
+                for i in range(messages):
+                    data = payload.replace("{i}", str(i)).encode()
+                    guest.send(me, ep.addr, data)
+                    sent.append(data)
+                replies = _demo_collect(guest, me, device, loop, wait, 10 * max(messages, 1))
+            except (GuestTimeout, TimeoutError):
+                console.print(f"  [red]{escape(what)}: the server stopped answering: a "
+                              "handler is blocking its event loop[/]")
+                guest.disconnect()  # a clean shutdown would wait for the server
+                raise _LoopBlocked from None
+            for i in range(min(3, len(replies))):
+                out = f"sent {_short(sent[i])}  " if i < len(sent) else ""
+                console.print(f"    {out}got {_short(replies[i][1])} from {replies[i][0]}",
+                              markup=False, highlight=False)
+            if not replies:
+                console.print("    no reply", highlight=False)
+            errors = device.stats["handler_errors"] - errors0
+            if errors:
+                ok = False
+                console.print(f"  [red]{escape(what)} raised {errors} time(s) "
+                              "(the log has the traceback)[/]")
+            table.add_row(what, str(me), str(len(sent)), str(len(replies)), str(errors))
+    console.print(table)
+    return ok
+
+
+def _short(data: bytes, keep: int = 40) -> str:
+    return repr(data) if len(data) <= keep else f"{data[:keep]!r}… ({len(data)} bytes)"
+
+
+def _demo_collect(guest: Any, addr: int, device: RpmsgDevice,
+                  loop: asyncio.AbstractEventLoop, wait: float, cap: int
+                  ) -> list[tuple[int, bytes]]:
+    """What reaches guest address ``addr`` until the host has been idle for ``wait``
+    seconds (or ``cap`` messages came).  Idle: the device has taken every message the
+    guest sent (and so ran their handlers), its outbox is empty, and the guest has read
+    all the host wrote; asked on the device's own loop, between two of its callbacks."""
+    from .guest import GuestTimeout
+
+    replies: list[tuple[int, bytes]] = []
+    quiet_since: float | None = None
+    while len(replies) < cap:
+        try:
+            replies.append(guest.recv(addr, timeout=0.01))
+            quiet_since = None
+            continue
+        except GuestTimeout:
+            pass
+        sent = guest.stats.tx_messages
+        took, queued, wrote = _on_loop(loop, lambda: (
+            device.stats["to_host_messages"], device.queued, device.stats["to_guest_messages"]))
+        idle = took >= sent and not queued and guest.stats.rx_messages >= wrote
+        if not idle:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= wait:
+            break
+    with contextlib.suppress(GuestTimeout):
+        while len(replies) < cap:  # what came in the last moment
+            replies.append(guest.recv(addr, timeout=0))
+    return replies
 
 
 def _demo_traffic(path: str, messages: int, device: RpmsgDevice, sink: object) -> None:
@@ -238,11 +582,20 @@ def bench(
     size_list = [int(x) for x in sizes.split(",")]
     if any(not 0 <= s <= 496 for s in size_list):
         raise typer.BadParameter("sizes must be within 0..496", param_hint="--sizes")
+    # Progress goes to stderr: a line per step (also where no terminal shows the live
+    # spinner, e.g. in CI logs), the tables to stdout at the end.
+    err = Console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+                  console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("starting", total=None)
-        report = b.run(wanted, size_list, messages, samples,
-                       progress=lambda s: progress.update(task, description=s), pin=pin)
+        t0 = time.monotonic()
+
+        def step(what: str) -> None:
+            err.print(f"bench [{time.monotonic() - t0:6.1f} s] {what}", markup=False,
+                      highlight=False)
+            progress.update(task, description=what)
+
+        report = b.run(wanted, size_list, messages, samples, progress=step, pin=pin)
     for table in b.render(report):
         console.print(table)
     if json_out:
@@ -252,47 +605,84 @@ def bench(
 
 @app.command("qemu-cmdline")
 def qemu_cmdline(
-    socket_path: Annotated[str, typer.Option(help="the socket vhost-rpmsg serves")],
+    socket_path: Annotated[str, typer.Option("--socket-path", "-s",
+                                             help="the socket vhost-rpmsg serves")],
     vq_size: Annotated[int, typer.Option(help="ring size (256 gives the guest 256+256 "
                                                "buffers)")] = 256,
     memory: Annotated[str, typer.Option(help="guest RAM (shared with the backend)")] = "256M",
+    smp: Annotated[int, typer.Option(help="guest vCPUs")] = 1,
     kernel: Annotated[str | None, typer.Option(help="guest kernel to boot")] = None,
     initrd: Annotated[str | None, typer.Option(help="guest initramfs")] = None,
+    append: Annotated[str, typer.Option(help="kernel command line (with --kernel)")] =
+        "console=ttyS0",
     qemu: Annotated[str, typer.Option(help="QEMU binary (10.2 or newer)")] =
         "qemu-system-x86_64",
     mmio: Annotated[bool, typer.Option(help="virtio-mmio instead of PCI (microvm)")] = False,
+    accel: Annotated[str, typer.Option(help="tcg (works everywhere) or kvm (where the "
+                                            "host's KVM runs your guest)")] = "tcg",
+    no_reboot: Annotated[bool, typer.Option(help="QEMU exits when the guest reboots or "
+                                                 "panics")] = False,
 ) -> None:
     """Print a QEMU command line that attaches a guest to the server."""
-    args = [qemu]
-    if mmio:
-        # virtio-mmio is legacy (v1) by default; modern gives VERSION_1 as on PCI.
-        args += ["-machine", "microvm,memory-backend=mem,rtc=on",
-                 "-global", "virtio-mmio.force-legacy=off"]
-    else:
-        args += ["-machine", "q35,memory-backend=mem"]
-    args += ["-accel", "kvm:tcg", "-cpu", "max", "-m", memory,
-             "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
-             "-chardev", f"socket,id=rpmsg0,path={socket_path},reconnect-ms=1000",
-             "-device", ("vhost-user-test-device" if mmio else "vhost-user-test-device-pci")
-             + f",chardev=rpmsg0,virtio-id=7,num_vqs=2,vq_size={vq_size}",
-             "-nographic"]
-    if kernel:
-        args += ["-kernel", kernel, "-append", "console=ttyS0"]
-    if initrd:
-        args += ["-initrd", initrd]
-    print(shlex.join(args))
+    try:
+        line = QemuLine(socket_path=socket_path, qemu=qemu, memory=memory, vq_size=vq_size,
+                        smp=smp, mmio=mmio, accel=accel, kernel=kernel, initrd=initrd,
+                        append=append, no_reboot=no_reboot)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    print(line.shell())
 
 
 @app.command("plugins")
-def list_plugins() -> None:
-    """List the endpoint plugins installed."""
-    for name, cls in sorted(plugins().items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        console.print(f"[cyan]{name}[/]  {doc}")
+def list_plugins(log_level: LogLevel = "warning") -> None:
+    """List the endpoint plugins installed: what each does, its options,
+    where it comes from, and whether it is broken or shadowed (listed by
+    the DIST/NAME that reaches it). docs/plugins.md: writing one."""
+    _setup_logging(log_level)
+    reg = registry()
+    reg.load_all()  # imports each plugin: a broken one is logged, and marked below
+    width = max(console.width, 60)
+    for p in sorted(reg.plugins, key=lambda p: (p.spec_name, p.dist)):
+        origin = f"built-in, {p.dist} {p.version}" if p.builtin else \
+            f"{p.dist} {p.version}, {p.value}"
+        status = "  [bold red]BROKEN[/]" if p.error else ""
+        if p.clash:
+            status += "  [bold yellow]SHADOWED[/]" if p.shadowed else \
+                "  [bold yellow]AMBIGUOUS[/]"
+        console.print(f"[cyan]{escape(p.spec_name)}[/]  ({escape(origin)}){status}",
+                      soft_wrap=True, highlight=False)
+        lines = []
+        if p.error:
+            lines.append(f"broken: {p.error}")
+        if p.clash:
+            lines.append(p.clash)
+        if p.loaded:
+            cls = p.load()
+            lines.append(summary(cls) or "(no description)")
+            if cls.default_name:
+                lines.append(f"announced as {cls.default_name} unless the spec names it")
+            opts = options(cls)
+            lines.append(f"options: {', '.join(opts)}" if opts else "options: none")
+        for line in lines:
+            console.print(textwrap.fill(line, width, initial_indent="    ",
+                                        subsequent_indent="    ", break_long_words=False,
+                                        break_on_hyphens=False),
+                          markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"vhost-rpmsg {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main() -> None:
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", "-V", is_eager=True, callback=_print_version,
+        help="print the version and exit")] = False,
+) -> None:
     """vhost-rpmsg."""
 
 

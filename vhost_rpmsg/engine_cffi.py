@@ -38,8 +38,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from _vhost_rpmsg_vring import ffi, lib  # cext/build_vring.py
 
-from ._vring_c import ffi, lib
 from .memory import GuestMemory
 from .virtqueue import (
     U32_MAX,

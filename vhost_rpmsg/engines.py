@@ -31,7 +31,7 @@ def _cffi_class() -> type[SplitQueue]:
         from .engine_cffi import CffiSplitQueue
     except ImportError as e:
         raise EngineUnavailable(
-            "the cffi engine is not built (vhost_rpmsg._vring_c cannot be imported: "
+            "the cffi engine is not built (_vhost_rpmsg_vring cannot be imported: "
             f"{e}); build it with `pip install .` (needs a C compiler and cffi), "
             "or for a work tree `python cext/build_vring.py`"
         ) from e

@@ -512,8 +512,42 @@ static inline void vr_modes_usage(FILE *f)
 		"                    wait for the N echoes)\n"
 		"  recv N            read N messages, print msgs/s\n"
 		"  send TEXT         send one message\n"
+		"  sizes SIZE...     one message of each size to an echo, print what\n"
+		"                    the kernel and the host made of it\n"
 		"  hold SECONDS      keep the endpoint open, print what arrives\n"
 		"  info              only print the endpoint device\n");
+}
+
+/*
+ * One message of each size, to an echo: a write the kernel accepts is answered
+ * with the same length ("SIZE n ECHO m"); a refused one prints its errno name
+ * ("SIZE n ERR EMSGSIZE").  Then "EXTRA k": messages that arrived unasked within
+ * 500 ms (a refused write that still reached the host would show up here).
+ */
+static inline int vr_mode_sizes(int fd, int argc, char **argv)
+{
+	unsigned char tx[2048], rx[2048];
+	int i, extra = 0;
+
+	for (i = 0; i < argc; i++) {
+		size_t len = vr_parse_ul(argv[i], "SIZE");
+		ssize_t w;
+
+		if (len > sizeof(tx))
+			vr_die("sizes: %zu is larger than this test's buffer", len);
+		vr_fill(tx, len, (uint32_t)i);
+		w = write(fd, tx, len);
+		if (w < 0) {
+			printf("SIZE %zu ERR %s\n", len,
+			       errno == EMSGSIZE ? "EMSGSIZE" : strerror(errno));
+			continue;
+		}
+		printf("SIZE %zu ECHO %zd\n", len, vr_read_msg(fd, rx, sizeof(rx), (uint32_t)i));
+	}
+	while (vr_wait_readable(fd, 500) && read(fd, rx, sizeof(rx)) >= 0)
+		extra++;
+	printf("EXTRA %d\n", extra);
+	return 0;
 }
 
 /* argv[0] is the mode name. */
@@ -551,6 +585,8 @@ static inline int vr_run_mode(int fd, int argc, char **argv)
 		printf("SENT %zu\n", len);
 		return 0;
 	}
+	if (!strcmp(m, "sizes") && argc >= 2)
+		return vr_mode_sizes(fd, argc - 1, argv + 1);
 	if (!strcmp(m, "hold") && argc == 2)
 		return vr_mode_hold(fd, vr_parse_ul(argv[1], "SECONDS"));
 	fprintf(stderr, "%s: bad mode or arguments: %s\n", vr_prog, m);

@@ -9,15 +9,13 @@ guest address that last wrote to this endpoint).  Clients are plain processes:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import socket
 from typing import Any
 
 from ..rpmsg.codec import MAX_PAYLOAD
-from ..vhost_user.server import listen_unix
-from .base import Endpoint
+from ..vhost_user.server import UnixListener, listen_unix
+from .base import Endpoint, Port
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +25,10 @@ class UnixBridge(Endpoint):
 
     Options: ``path`` (socket to create, required), ``dst`` (guest address to send to;
     default: whoever wrote last), ``mode`` (octal permissions, default 0600).
+
+    Constructing one only checks the options; the socket is created when a device
+    registers the endpoint (:meth:`bind`), with :func:`listen_unix`'s rules (a socket
+    in use, a symlink or another file at ``path`` is refused).
     """
 
     def __init__(self, addr: int, name: str | None = None, *, path: str | None = None,
@@ -35,14 +37,28 @@ class UnixBridge(Endpoint):
         if not path:
             raise ValueError("unix needs path=<socket path>")
         self.path = path
-        self.dst = int(dst) if dst is not None else None
-        self.listener = listen_unix(path, int(mode, 8), socket.SOCK_SEQPACKET)
-        self.listener.setblocking(False)
+        try:
+            self.dst = int(dst) if dst is not None else None
+        except ValueError:
+            raise ValueError(f"dst={dst!r} is not an address") from None
+        try:
+            self.mode = int(mode, 8)
+        except ValueError:
+            raise ValueError(f"mode={mode!r} is not an octal mode such as 0660") from None
+        if not 0 <= self.mode <= 0o777:
+            raise ValueError(f"mode={mode!r} is not a permission mode (0000..0777)")
+        self.listener: UnixListener | None = None
         self.clients: set[socket.socket] = set()
         self._last_src: int | None = None
         self.stats = {"to_clients": 0, "from_clients": 0, "client_slow": 0, "no_dst": 0,
                       "too_large": 0}
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def bind(self, port: Port) -> None:
+        super().bind(port)
+        if self.listener is None:
+            self.listener = listen_unix(self.path, self.mode, socket.SOCK_SEQPACKET)
+            self.listener.setblocking(False)
 
     def guest_ready(self) -> None:
         if not self._tasks:
@@ -55,6 +71,7 @@ class UnixBridge(Endpoint):
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self.listener is not None
         while True:
             conn, _ = await loop.sock_accept(self.listener)
             conn.setblocking(False)
@@ -107,6 +124,7 @@ class UnixBridge(Endpoint):
             t.cancel()
         for c in self.clients:
             c.close()
-        self.listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if self.listener is not None:
+            self.listener.remove_path()
+            self.listener.close()
+            self.listener = None

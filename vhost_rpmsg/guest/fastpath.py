@@ -1,4 +1,4 @@
-"""The simulated guest's C fast path (``vhost_rpmsg._guest_c``, cext/guest_ring.c).
+"""The simulated guest's C fast path (``_vhost_rpmsg_guest``, cext/guest_ring.c).
 
 :class:`SimGuest` picks it when the extension is importable (``fast=None``), requires it
 (``fast=True``) or leaves it out (``fast=False``).  It changes how fast the guest runs,
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from .rpmsg_guest import SimGuest
 
 try:
-    from .._guest_c import ffi, lib
+    from _vhost_rpmsg_guest import ffi, lib
 except ImportError as e:  # the extension is not built
     IMPORT_ERROR: ImportError | None = e
     ffi = lib = None
@@ -85,7 +85,7 @@ TX_C_MIN = 32
 
 
 class FastPathUnavailable(RuntimeError):
-    """``fast=True`` where ``vhost_rpmsg._guest_c`` cannot be imported."""
+    """``fast=True`` where ``_vhost_rpmsg_guest`` cannot be imported."""
 
 
 def available() -> bool:
@@ -99,7 +99,7 @@ def load(fast: bool | None, queue_size: int) -> GuestFastPath | None:
     if IMPORT_ERROR is not None:
         if fast:
             raise FastPathUnavailable(
-                "the simulated guest's C fast path is not built (vhost_rpmsg._guest_c "
+                "the simulated guest's C fast path is not built (_vhost_rpmsg_guest "
                 f"cannot be imported: {IMPORT_ERROR}); build it with `pip install .` "
                 "(needs a C compiler and cffi), or for a work tree "
                 "`python cext/build_guest.py`")

@@ -102,7 +102,7 @@ class SimGuest:
         #: themselves (no thread hand-off: what a latency measurement wants)
         self.rx_thread = rx_thread
         #: the C fast path (guest/fastpath.py) for send_burst and the rx drain: None picks
-        #: it when vhost_rpmsg._guest_c is built, True requires it, False keeps to Python;
+        #: it when _vhost_rpmsg_guest is built, True requires it, False keeps to Python;
         #: either way the same ring contents, kicks, stats and delivered messages
         self._fast = fastpath.load(fast, queue_size)
         self.fast = self._fast is not None

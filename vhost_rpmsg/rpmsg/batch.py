@@ -151,7 +151,7 @@ def _why(rb: RawBatch, i: int, short: bool) -> str:
 
 
 def _parse_native(rb: RawBatch, skip: np.ndarray | None, bad_chains: list[int]) -> Parsed:
-    from .._vring_c import ffi, lib
+    from _vhost_rpmsg_vring import ffi, lib
 
     n = rb.count
     out = np.empty(6 * n + 2, np.int64)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import secrets
 import socket
 import stat
 import threading
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 from ..virtqueue import SplitQueue
 from .backend import DEFAULT_PROTOCOL_FEATURES, VhostUserBackend
@@ -32,26 +33,180 @@ _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _SEND_TIMEOUT = 5.0
 
 
-def listen_unix(path: str | os.PathLike[str], mode: int = 0o600,
-                kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """Bind a listening unix socket (stream by default) at ``path`` with ``mode``.
+#: Longest unix socket path accepted: sun_path holds 108 bytes, one kept for the NUL that
+#: C programs (QEMU among them) expect.
+MAX_SOCKET_PATH = 107
+_umask_lock = threading.Lock()
 
-    A stale socket file is replaced; any other existing file is an error.
+
+class SocketPathError(OSError):
+    """A unix socket cannot be published at a path; the message names the path and why."""
+
+
+class UnixListener(socket.socket):
+    """A listening unix socket that remembers the path it was published at.
+
+    :func:`listen_unix` binds it under a temporary name and moves it onto :attr:`path`
+    once it listens, so ``getsockname()`` shows the temporary name: use :attr:`path`.
     """
-    p = Path(path)
-    if p.exists() or p.is_symlink():
-        if not stat.S_ISSOCK(p.lstat().st_mode):
-            raise FileExistsError(f"{p} exists and is not a socket")
-        p.unlink()
-    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
-    old = os.umask(0o777 & ~mode)
+
+    __slots__ = ("_ident", "path")
+    path: str
+    _ident: tuple[int, int] | None
+
+    def remove_path(self) -> None:
+        """Unlink :attr:`path` if it is still the socket this listener published there
+        (never another server's socket that has since replaced it)."""
+        path = getattr(self, "path", None)
+        ident = getattr(self, "_ident", None)
+        if path is None or ident is None:
+            return
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == ident:
+                os.unlink(path)
+        self._ident = None
+
+
+def check_socket_path(path: str | os.PathLike[str], kind: int = socket.SOCK_STREAM) -> bool:
+    """Check that a listener could be published at ``path``, creating nothing.
+
+    Returns True when a stale socket (one nobody listens on) is there, to be replaced.
+    Raises :class:`SocketPathError` when the path is unusable: too long, its directory
+    missing or not writable, a symlink (never followed), a file that is not a socket, or
+    a socket a server is listening on ("in use").
+    """
+    p = os.fspath(path)
+    if not p:
+        raise SocketPathError("empty socket path")
+    if "\0" in p:
+        raise SocketPathError(f"{p!r}: socket path contains a NUL byte")
+    if len(os.fsencode(p)) > MAX_SOCKET_PATH:
+        raise SocketPathError(f"{p}: socket path too long ({len(os.fsencode(p))} bytes; "
+                              f"at most {MAX_SOCKET_PATH})")
+    d = os.path.dirname(p) or "."
     try:
-        sock.bind(str(p))
+        dst = os.stat(d)
+    except FileNotFoundError:
+        raise SocketPathError(f"{p}: directory {d} does not exist") from None
+    except OSError as e:
+        raise SocketPathError(f"{p}: directory {d}: {e.strerror}") from None
+    if not stat.S_ISDIR(dst.st_mode):
+        raise SocketPathError(f"{p}: {d} is not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise SocketPathError(f"{p}: directory {d} is not writable")
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise SocketPathError(f"{p}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise SocketPathError(f"{p}: is a symbolic link; not following it (give the "
+                              "real path, or remove the link)")
+    if stat.S_ISDIR(st.st_mode):
+        raise SocketPathError(f"{p}: is a directory")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathError(f"{p}: exists and is not a socket; not replacing it")
+    if _someone_listens(p, kind):
+        raise SocketPathError(f"{p}: in use: a server is listening on it")
+    return True
+
+
+def _someone_listens(path: str, kind: int) -> bool:
+    probe = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False  # a socket file nobody is bound to (or gone meanwhile)
+    except BlockingIOError:
+        return True  # a listener with a full backlog
+    except OSError as e:
+        if e.errno == errno.EPROTOTYPE:
+            return True  # a listener of another socket type
+        raise SocketPathError(f"{path}: cannot tell whether a server listens on it: "
+                              f"{e.strerror}") from None
     finally:
-        os.umask(old)
-    os.chmod(p, mode)
-    sock.listen(16)
+        probe.close()
+    return True
+
+
+def listen_unix(path: str | os.PathLike[str], mode: int = 0o600,
+                kind: int = socket.SOCK_STREAM, backlog: int = 16) -> UnixListener:
+    """A listening unix socket (stream by default) published at ``path`` with ``mode``.
+
+    The path appears only once the socket listens, so a client that waits for the file
+    can connect at once: the socket is bound under a temporary name in the same
+    directory, listens, then is moved onto ``path``.  A stale socket there (nobody
+    listening) is replaced; a socket a server listens on ("in use"), a symlink or any
+    other file is refused with :class:`SocketPathError`.  The mode is set by the umask
+    around ``bind`` (no chmod by path).
+    """
+    p = os.fspath(path)
+    check_socket_path(p, kind)
+    sock = UnixListener(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    tmp: str | None = None
+    try:
+        tmp = _bind_temporary(sock, p, mode)
+        sock.listen(backlog)
+        st = os.lstat(tmp)
+        if _publish(tmp, p, kind):
+            tmp = None  # renamed onto p
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    sock.path = p
+    sock._ident = (st.st_dev, st.st_ino)
     return sock
+
+
+def _bind_temporary(sock: socket.socket, path: str, mode: int) -> str:
+    """Bind ``sock`` to a fresh hidden name next to ``path``; returns that name."""
+    d = os.path.dirname(path)
+    room = MAX_SOCKET_PATH - len(os.fsencode(os.path.join(d, ".")))
+    if room < 6:
+        raise SocketPathError(f"{path}: directory name too long to bind a temporary "
+                              f"socket next to it (at most {MAX_SOCKET_PATH} bytes)")
+    with _umask_lock:
+        old = os.umask(0o777 & ~mode)
+        try:
+            for _ in range(32):
+                tmp = os.path.join(d, "." + secrets.token_hex(8)[: min(room, 16)])
+                try:
+                    sock.bind(tmp)
+                    return tmp
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE:
+                        raise SocketPathError(f"{path}: cannot create a socket in "
+                                              f"{d or '.'}: {e.strerror}") from None
+        finally:
+            os.umask(old)
+    raise SocketPathError(f"{path}: no free temporary name in {d or '.'}")
+
+
+def _publish(tmp: str, path: str, kind: int) -> bool:
+    """Move the listening socket at ``tmp`` onto ``path``.  Returns True when ``tmp`` is
+    gone (renamed), False when ``path`` is a second link to it (``tmp`` to unlink)."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)  # fails if anything is there already
+        return False
+    except FileExistsError:
+        pass
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise SocketPathError(f"{path}: {e.strerror}") from None
+    # Something is there: replace it only if it is (still) a stale socket.  rename()
+    # replaces the name itself, never what a symlink swapped in would point to.
+    check_socket_path(path, kind)
+    try:
+        os.rename(tmp, path)
+    except OSError as e:
+        raise SocketPathError(f"{path}: {e.strerror}") from None
+    return True
 
 
 class VhostUserServer:
@@ -68,7 +223,8 @@ class VhostUserServer:
     ) -> None:
         self.device = device
         self.sock = sock
-        self.name = name or (sock.getsockname() or f"fd{sock.fileno()}")
+        self.name = name or (sock.path if isinstance(sock, UnixListener)
+                             else sock.getsockname() or f"fd{sock.fileno()}")
         self.protocol_features = protocol_features
         self.queue_factory = queue_factory
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -96,17 +252,18 @@ class VhostUserServer:
         log.info("%s: listening", self.name)
 
     def close(self) -> None:
-        """Stop accepting, drop the current front-end, close the listening socket."""
+        """Stop accepting, drop the current front-end, close the listening socket.
+
+        The socket file is removed if :func:`listen_unix` published it and it is still
+        ours; an inherited socket's file belongs to whoever created it.
+        """
         if self.conn is not None:
             self._drop("server closing", error=False)
         if self.loop is not None and self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
-        path = self.sock.getsockname() if self.sock.fileno() >= 0 else None
+        if isinstance(self.sock, UnixListener):
+            self.sock.remove_path()
         self.sock.close()
-        if isinstance(path, str) and path:
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)
 
     # -- connection handling -------------------------------------------------------
 

@@ -53,10 +53,11 @@ def _serve(tmp_path: Path, endpoints: list[str]) -> Iterator[Server]:
     require_guest_image()
     path = str(tmp_path / "rpmsg.sock")
     log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vhost_rpmsg.cli", "serve", "--socket-path", path,
-         *(a for e in endpoints for a in ("--endpoint", e)), "--log-level", "info"],
-        stderr=log.open("w"), text=True)
+    with log.open("w") as err:  # the child keeps its own copy of the fd
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vhost_rpmsg.cli", "serve", "--socket-path", path,
+             *(a for e in endpoints for a in ("--endpoint", e)), "--log-level", "info"],
+            stderr=err, text=True)
     deadline = time.monotonic() + 20
     while not os.path.exists(path):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -98,6 +99,20 @@ class GuestRun:
 _GUEST_OOPS = re.compile(r"BUG: scheduling while atomic|Oops: |Kernel panic")
 
 
+def _run_guest(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """run-guest.sh in its own process group, killed whole if it overstays: a bare
+    kill of bash would orphan its QEMU (a hung guest keeps a CPU busy)."""
+    proc = subprocess.Popen(["bash", str(RUN_GUEST), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 #: One row per guest boot, printed at the end of the run (conftest.py).
 GUEST_REPORT: list[dict[str, object]] = []
 
@@ -122,10 +137,9 @@ def boot(server: Server, script: str, timeout: int = 240, mmio: bool = False,
     cpu0 = server.cpu_seconds()
     for attempt in (1, 2):
         t0 = time.monotonic()
-        p = subprocess.run(["bash", str(RUN_GUEST), "--socket", server.path,
-                            "--timeout", str(timeout), "--append-cmd", script,
-                            "--smp", str(smp), *(["--mmio"] if mmio else [])],
-                           capture_output=True, text=True, timeout=timeout + 60)
+        p = _run_guest(["--socket", server.path, "--timeout", str(timeout),
+                        "--append-cmd", script, "--smp", str(smp),
+                        *(["--mmio"] if mmio else [])], timeout + 60)
         out = p.stdout + p.stderr
         oops = _GUEST_OOPS.search(out)
         if p.returncode != 0 and oops and attempt == 1:
@@ -326,10 +340,8 @@ def test_client_sample_boots_never_hang_under_load(server: Server) -> None:
     outcomes: dict[str, int] = {"ok": 0, "hang": 0, "crash": 0, "other": 0}
     try:
         for _ in range(n):
-            p = subprocess.run(["bash", str(RUN_GUEST), "--socket", server.path,
-                                "--timeout", "30", "--append-cmd",
-                                "modprobe rpmsg_client_sample; sleep 2"],
-                               capture_output=True, text=True, timeout=120)
+            p = _run_guest(["--socket", server.path, "--timeout", "30", "--append-cmd",
+                            "modprobe rpmsg_client_sample; sleep 2"], 120)
             out = p.stdout + p.stderr
             kind = ("ok" if p.returncode == 0 else "hang" if p.returncode == 124
                     else "crash" if _GUEST_OOPS.search(out) else "other")

@@ -629,8 +629,7 @@ def qemu_cmdline(
                         smp=smp, mmio=mmio, accel=accel, kernel=kernel, initrd=initrd,
                         append=append, no_reboot=no_reboot)
     except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        _fail(str(e), 2)
     print(line.shell())
 
 

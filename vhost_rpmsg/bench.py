@@ -55,7 +55,7 @@ class Target:
 
 
 PERF_DOC = "docs/performance.md"
-PERF_ISSUE = "performance issue"
+PERF_ISSUE = "issue 13"
 #: Every target the project has set, in one place: the figure, its goal, its source.
 #: Figures come from the cffi engine where it ran (python otherwise), all within one run.
 TARGETS: tuple[Target, ...] = (

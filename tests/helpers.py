@@ -108,6 +108,15 @@ def serving(argv: list[str], path: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         wait_path(path, proc)
         yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+    except BaseException:
+        proc.kill()  # the body failed: its error is the one to see
+        proc.wait()
+        raise
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the server did not exit within 20 s of SIGTERM") from None
+    assert code == 0, proc.stderr.read().decode() if proc.stderr else code

@@ -48,6 +48,7 @@ CASES = [
     (["-e", "unix@1024,path=b.sock,mode=xyz"], ["--endpoint", "xyz"], 2),
     (["-e", "unix@1024,path=b.sock,dst=x"], ["--endpoint", "dst"], 2),
     (["-e", "echo@53"], ["--endpoint", "53"], 2),
+    (["-e", "echo@01024"], ["--endpoint", "01024"], 2),
     (["-e", "echo@4294967295"], ["--endpoint", "4294967295"], 2),
     (["-e", "a-service-name-longer-than-31-bytes:echo"], ["--endpoint", "name"], 2),
     (["--socket-mode", "abc"], ["--socket-mode", "abc"], 2),

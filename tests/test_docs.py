@@ -40,6 +40,7 @@ import itertools
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,7 +170,11 @@ def scratch(tmp_path: Path) -> Path:
         if entry.name.startswith(".") or entry.name in ("vhost_rpmsg", "tests", "build") \
                 or entry.suffix == ".so" or entry.name.endswith(".egg-info"):
             continue
-        (cwd / entry.name).symlink_to(entry)
+        if entry.name == "examples":  # a copy: pip builds in place, and not in the checkout
+            shutil.copytree(entry, cwd / entry.name,
+                            ignore=shutil.ignore_patterns("build", "*.egg-info"))
+        else:
+            (cwd / entry.name).symlink_to(entry)
     (tmp_path / "tmp").mkdir()
     return cwd
 

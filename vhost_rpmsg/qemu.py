@@ -91,18 +91,18 @@ def main(argv: list[str]) -> int:
     ``vhost-rpmsg qemu-cmdline``, which prints the same line for the same values.
     """
     kinds = {f.name: f.type for f in fields(QemuLine)}
-    values: dict[str, object] = {}
+    values: dict[str, tuple[str, str]] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in kinds:
             print(f"error: expected FIELD=VALUE with FIELD one of {', '.join(kinds)}: {arg!r}",
                   file=sys.stderr)
             return 2
-        kind = str(kinds[key])
-        values[key] = (int(value) if kind == "int" else value in ("1", "true") if kind == "bool"
-                       else value)
+        values[key] = (value, str(kinds[key]))
     try:
-        print(QemuLine(**values).shell())  # type: ignore[arg-type]
+        typed = {k: int(v) if kind == "int" else v in ("1", "true") if kind == "bool" else v
+                 for k, (v, kind) in values.items()}
+        print(QemuLine(**typed).shell())  # type: ignore[arg-type]
     except (TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

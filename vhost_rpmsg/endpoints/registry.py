@@ -306,7 +306,11 @@ class EndpointSpec:
         for part in filter(None, (m["opts"] or "").split(",")):
             key, _, value = part.partition("=")
             opts[key] = value
-        addr = int(m["addr"], 0) if m["addr"] else None
+        try:
+            addr = int(m["addr"], 0) if m["addr"] else None
+        except ValueError:
+            raise PluginError(f"bad address in endpoint {text!r}: {m['addr']!r} "
+                              "(decimal, or hex with 0x)") from None
         return cls(m["plugin"], m["name"] or None, addr, opts, m["name"] is not None)
 
 

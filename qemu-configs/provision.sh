@@ -51,7 +51,7 @@ hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 # ---------------------------------------------------------------------------
 need_host_tools() {
 	local missing=() c
-	for c in gcc make flex bison bc cpio xz dpkg-deb apt-get sha256sum perl; do
+	for c in gcc make flex bison bc cpio xz dpkg-deb apt-get sha256sum perl patch; do
 		command -v "$c" >/dev/null 2>&1 || missing+=("$c")
 	done
 	[ -f /usr/include/libelf.h ] || missing+=(libelf.h)
@@ -68,7 +68,7 @@ if [ -n "$missing" ]; then
 	log "host tools missing: $(echo $missing)"
 	[ "${VHOST_RPMSG_NO_HOST_DEPS:-0}" = 1 ] && die "install them (VHOST_RPMSG_NO_HOST_DEPS=1 set)"
 	[ "$(id -u)" = 0 ] || die "not root: install gcc make flex bison bc cpio xz-utils libelf-dev libc6-dev kmod"
-	pkgs="gcc make flex bison bc cpio xz-utils libelf-dev libc6-dev kmod perl"
+	pkgs="gcc make flex bison bc cpio xz-utils libelf-dev libc6-dev kmod perl patch"
 	log "apt-get install $pkgs (host apt sources, unchanged)"
 	mkdir -p "$CACHE/logs"
 	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $pkgs \
@@ -306,7 +306,7 @@ provision_kernel() {
 		[ -n "$ver" ] && [ "$ver" != "(none)" ] || die "$pkg has no candidate"
 		pkg="$pkg=$ver"
 	fi
-	key="$pkg cfg=$(hash_of "$KFRAG")"
+	key="$pkg cfg=$(hash_of "$KFRAG") patches=$(hash_of "$HERE"/patches/*.patch)"
 	krel=$(cat "$CACHE/kernel/release" 2>/dev/null || true)
 	if stamp_ok kernel "$key" && [ -n "$krel" ] && [ -f "$CACHE/kernel/vmlinux" ]; then
 		log "kernel: cached ($krel from $pkg)"
@@ -349,6 +349,31 @@ provision_kernel() {
 	krel=$(make -s -C "$src" kernelrelease)
 	step_time "kernel build ($krel)" "$t0"
 
+	# The patched guest: the same kernel with qemu-configs/patches/ applied to its
+	# rpmsg modules, built in the same tree (seconds), then the tree put back.
+	local patched=$BUILD/patched
+	mkdir -p "$patched"
+	for p in "$HERE"/patches/*.patch; do
+		log "kernel: patched modules: $(basename "$p")"
+		patch -s -d "$src" -p1 < "$p" || die "$(basename "$p") does not apply to $pkg"
+	done
+	if ! make -C "$src" -j"$JOBS" M=drivers/rpmsg modules > "$BUILD/patched.log" 2>&1; then
+		tail -n 40 "$BUILD/patched.log" >&2
+		die "patched module build failed"
+	fi
+	cp "$src/drivers/rpmsg/virtio_rpmsg_bus.ko" "$patched/"
+	local psum
+	psum=$(sha256sum < "$patched/virtio_rpmsg_bus.ko")
+	strip --strip-debug "$patched/virtio_rpmsg_bus.ko"
+	for p in $(ls -r "$HERE"/patches/*.patch); do
+		patch -s -R -d "$src" -p1 < "$p"
+	done
+	# the stock modules again, for modules_install below
+	make -C "$src" -j"$JOBS" M=drivers/rpmsg modules >> "$BUILD/patched.log" 2>&1 ||
+		die "stock rpmsg modules rebuild failed"
+	[ "$(sha256sum < "$src/drivers/rpmsg/virtio_rpmsg_bus.ko")" != "$psum" ] ||
+		die "the patched module is identical to the stock one"
+
 	kdir=$CACHE/kernel-$krel
 	rm -rf "$kdir.new"
 	mkdir -p "$kdir.new"
@@ -356,6 +381,7 @@ provision_kernel() {
 	strip --strip-debug "$kdir.new/vmlinux" 2>/dev/null || true
 	cp "$src/.config" "$kdir.new/config"
 	cp "$src/System.map" "$kdir.new/System.map"
+	cp -a "$patched" "$kdir.new/patched"
 	make -s -C "$src" modules_install INSTALL_MOD_PATH="$kdir.new/modroot" \
 		INSTALL_MOD_STRIP=1 DEPMOD="$DEPMOD" > "$BUILD/modules_install.log" 2>&1
 	rm -f "$kdir.new/modroot/lib/modules/$krel/build" "$kdir.new/modroot/lib/modules/$krel/source"

@@ -4,7 +4,7 @@
 #
 #   run-guest.sh --socket PATH [--timeout S] [--append-cmd "CMD" | --script FILE]
 #                [--add FILE[:/guest/path]]... [--vq-size 256] [--mmio]
-#                [--no-device] [--kvm] [--mem 256M] [--smp 1]
+#                [--no-device] [--kvm] [--mem 256M] [--smp 1] [--patched]
 #                [--cmdline "extra kernel args"] [--qemu-arg ARG]...
 #                [--log FILE] [--dry-run]
 #
@@ -13,6 +13,9 @@
 #   VR-EXIT <rc>                                            run script done
 # and powers off.  Exit status: the guest script's rc (from VR-EXIT), 124 on
 # timeout, 125 if the guest ended without a VR-EXIT line (crash/QEMU error).
+#
+# --patched boots the guest with qemu-configs/patches/ applied to its rpmsg
+# modules (provision.sh builds them with the kernel): the same kernel otherwise.
 #
 # The run script and extra files travel in a small per-run cpio appended to
 # the cached base initramfs (Linux unpacks concatenated newc archives in
@@ -32,10 +35,10 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 
 socket="" timeout=120 cmd="" script="" vq_size=256 mmio=0 nodev=0
 kvm=${VHOST_RPMSG_KVM:-0} mem=256M smp=1 extra_cmdline=""
-logfile="" dry=0
+logfile="" dry=0 patched=0
 adds=() qemu_extra=()
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "run-guest: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
@@ -49,6 +52,7 @@ while [ $# -gt 0 ]; do
 	--mmio) mmio=1; shift ;;
 	--no-device) nodev=1; shift ;;
 	--kvm) kvm=1; shift ;;
+	--patched) patched=1; shift ;;
 	--mem) mem=$2; shift 2 ;;
 	--smp) smp=$2; shift 2 ;;
 	--cmdline) extra_cmdline="$extra_cmdline $2"; shift 2 ;;
@@ -83,6 +87,13 @@ if [ -n "$script" ]; then
 	cp "$script" "$ov/run.sh"
 elif [ -n "$cmd" ]; then
 	printf '%s\n' "$cmd" > "$ov/run.sh"
+fi
+if [ "$patched" = 1 ]; then
+	krel=$(cat "$CACHE/kernel/release")
+	mod=${VR_PATCHED_MODULE:-$CACHE/kernel/patched/virtio_rpmsg_bus.ko}
+	[ -e "$mod" ] || die "$mod missing: run qemu-configs/provision.sh first"
+	# later cpio members override earlier ones: this replaces the stock module
+	adds+=("$mod:/lib/modules/$krel/kernel/drivers/rpmsg/virtio_rpmsg_bus.ko")
 fi
 for spec in "${adds[@]+"${adds[@]}"}"; do
 	src=${spec%%:*}

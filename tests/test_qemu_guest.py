@@ -5,8 +5,8 @@ virtio drivers, the initramfs and the static guest programs).  Where that cannot
 provisioned the tests skip with the reason; CI provisions first and sets
 VHOST_RPMSG_REQUIRE_QEMU=1, which turns a skip into a failure.
 
-Host facts the suite depends on, and nothing else of the host: x86-64 with an
-invariant TSC (the microvm guest under TCG is told the host's TSC rate, measured by
+Host facts the suite depends on, and nothing else of the host: x86-64 with a
+constant TSC rate (the microvm guest under TCG is told the host's TSC rate, measured by
 qemu-configs/host/tsc-khz.c, since it has no other clock to calibrate against), a C
 compiler for that helper, and memfd + SCM_RIGHTS.  KVM is never used (TCG only).
 ``test_host_facts`` prints what it found.

@@ -15,10 +15,10 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
-import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, cast
 
 import typer
 from rich.console import Console
@@ -40,6 +40,7 @@ from .qemu import QemuLine
 from .rpmsg import codec as rp
 from .rpmsg.device import RpmsgDevice
 from .vhost_user.server import (
+    LoopThread,
     SocketPathError,
     UnixListener,
     VhostUserServer,
@@ -184,9 +185,7 @@ def serve(
         socks += [listen_unix(p, mode) for p in paths]
         devices += [RpmsgDevice(eps, outbox_limit=outbox) for eps in sets]  # bridges bind
     except (OSError, ValueError) as e:
-        for ep in (ep for eps in sets for ep in eps):
-            with contextlib.suppress(Exception):
-                ep.close()
+        _release(ep for eps in sets for ep in eps)
         for sock in socks:
             if isinstance(sock, UnixListener):
                 sock.remove_path()
@@ -202,6 +201,13 @@ def serve(
         eps = ", ".join(ep.describe() for ep in device.endpoints.values())
         log.info("%s: engine %s, endpoints: %s", s.name, factory(0, 1).engine, eps)
     asyncio.run(_serve_until_signal(servers, devices))
+
+
+def _release(endpoints: Iterable[Endpoint]) -> None:
+    """Close endpoints no device took over (a start that failed), ignoring their errors."""
+    for ep in endpoints:
+        with contextlib.suppress(Exception):
+            ep.close()
 
 
 def _socket_mode(text: str) -> int:
@@ -348,43 +354,33 @@ def demo(
     try:
         device = RpmsgDevice(endpoints)  # a unix bridge makes its socket here
     except (OSError, ValueError) as e:
-        for ep in endpoints:
-            with contextlib.suppress(Exception):
-                ep.close()
+        _release(endpoints)
         _fail(str(e))
     tmp = tempfile.mkdtemp(prefix="vhost-rpmsg-demo-")
     path = os.path.join(tmp, "demo.sock")
     server = VhostUserServer(device, listen_unix(path), queue_factory=factory)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def run_loop() -> None:
-        asyncio.set_event_loop(loop)
-        server.start(loop)
-        loop.call_soon(ready.set)
-        loop.run_forever()
-
-    t = threading.Thread(target=run_loop, daemon=True)
-    t.start()
-    ready.wait()
+    lt = LoopThread("vhost-rpmsg-demo").start()
+    lt.call(lambda: server.start(lt.loop))
     console.print(f"[bold]vhost-rpmsg {__version__}[/] demo: server on {path} "
                   f"(engine {factory(0, 1).engine}), simulated Linux guest connecting")
     ok = blocked = False
     try:
         if endpoint:
-            ok = _demo_endpoints(path, messages, payload, wait, device, loop)
+            ok = _demo_endpoints(path, messages, payload, wait, device, lt)
         else:
             _demo_traffic(path, messages, device, endpoints[2])
             ok = True
     except _LoopBlocked:
         blocked = True
     finally:
-        if not blocked:
+        if blocked:  # a handler holds the loop: stop it when it can, do not wait for it
+            lt.loop.call_soon_threadsafe(server.close)
+            lt.loop.call_soon_threadsafe(lt.loop.stop)
+        else:
             with contextlib.suppress(Exception):  # endpoints release what they hold
-                _on_loop(loop, device.destroy)
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(0 if blocked else 5)
+                lt.call(device.destroy, _DEMO_LOOP_TIMEOUT)
+            lt.call(server.close)
+            lt.stop()
         Path(path).unlink(missing_ok=True)
         os.rmdir(tmp)
     if not ok:
@@ -399,16 +395,8 @@ class _LoopBlocked(Exception):
     """A handler is blocking the device's event loop: the demo gives up on it."""
 
 
-def _on_loop(loop: asyncio.AbstractEventLoop, fn: Any) -> Any:
-    """Run ``fn`` on the device's loop thread and return its result; TimeoutError when
-    the loop does not get to it (a handler is blocking it)."""
-    async def call() -> Any:
-        return fn()
-    return asyncio.run_coroutine_threadsafe(call(), loop).result(_DEMO_LOOP_TIMEOUT)
-
-
 def _demo_endpoints(path: str, messages: int, payload: str, wait: float, device: RpmsgDevice,
-                    loop: asyncio.AbstractEventLoop) -> bool:
+                    lt: LoopThread) -> bool:
     """Send each endpoint ``messages`` messages from a guest address of its own and show
     what comes back; False if an endpoint raised, or blocked the device's loop."""
     from .guest import GuestTimeout, SimGuest
@@ -442,7 +430,7 @@ def _demo_endpoints(path: str, messages: int, payload: str, wait: float, device:
                     data = payload.replace("{i}", str(i)).encode()
                     guest.send(me, ep.addr, data)
                     sent.append(data)
-                replies = _demo_collect(guest, me, device, loop, wait, 10 * max(messages, 1))
+                replies = _demo_collect(guest, me, device, lt, wait, 10 * max(messages, 1))
             except (GuestTimeout, TimeoutError):
                 console.print(f"  [red]{escape(what)}: the server stopped answering: a "
                               "handler is blocking its event loop[/]")
@@ -468,9 +456,8 @@ def _short(data: bytes, keep: int = 40) -> str:
     return repr(data) if len(data) <= keep else f"{data[:keep]!r}… ({len(data)} bytes)"
 
 
-def _demo_collect(guest: Any, addr: int, device: RpmsgDevice,
-                  loop: asyncio.AbstractEventLoop, wait: float, cap: int
-                  ) -> list[tuple[int, bytes]]:
+def _demo_collect(guest: Any, addr: int, device: RpmsgDevice, lt: LoopThread, wait: float,
+                  cap: int) -> list[tuple[int, bytes]]:
     """What reaches guest address ``addr`` until the host has been idle for ``wait``
     seconds (or ``cap`` messages came).  Idle: the device has taken every message the
     guest sent (and so ran their handlers), its outbox is empty, and the guest has read
@@ -487,8 +474,9 @@ def _demo_collect(guest: Any, addr: int, device: RpmsgDevice,
         except GuestTimeout:
             pass
         sent = guest.stats.tx_messages
-        took, queued, wrote = _on_loop(loop, lambda: (
-            device.stats["to_host_messages"], device.queued, device.stats["to_guest_messages"]))
+        took, queued, wrote = cast(tuple[int, int, int], lt.call(lambda: (
+            device.stats["to_host_messages"], device.queued, device.stats["to_guest_messages"]),
+            _DEMO_LOOP_TIMEOUT))
         idle = took >= sent and not queued and guest.stats.rx_messages >= wrote
         if not idle:
             quiet_since = None

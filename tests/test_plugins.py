@@ -492,3 +492,18 @@ def test_demo_tries_the_example(example: tuple[Path, Path]) -> None:
     assert "sent b'hi 0'  got b'x-HI 0' from 1024" in qualified.stdout
     assert summary_rows(qualified.stdout) == {
         "vhost-rpmsg-plugin-example/upper@1024 (-)": [2000, 5, 5, 0]}
+
+
+def test_builtin_table_matches_the_packages_own_entry_points() -> None:
+    """The built-ins are listed twice, on purpose: in registry._BUILTIN (they work
+    without package metadata and cannot be shadowed) and as this package's entry points
+    (for tools that list the group). The two lists must agree."""
+    import tomllib
+
+    from vhost_rpmsg.endpoints import registry
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent
+                               / "pyproject.toml").read_text())
+    declared = pyproject["project"]["entry-points"][registry.GROUP]
+    assert declared == {name: f"{cls.__module__}:{cls.__qualname__}"
+                        for name, cls in registry._BUILTIN.items()}

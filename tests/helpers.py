@@ -92,6 +92,13 @@ def require_guest_image() -> None:
         pytest.skip(reason)
 
 
+def kill_group(proc: subprocess.Popen[str]) -> None:
+    """End ``proc`` and whatever it started (it leads a session of its own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def wait_path(p: Path, proc: subprocess.Popen[bytes], seconds: float = 30) -> None:
     """Wait until a server process publishes ``p``; its stderr if it dies first."""
     deadline = time.monotonic() + seconds

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import require_guest_image
+from tests.helpers import kill_group, require_guest_image
 from vhost_rpmsg.guest import SimGuest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,15 +187,6 @@ def environment() -> dict[str, str]:
     return {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    """End ``proc`` and whatever it started (it leads a session of its own)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def run(argv: list[str], cwd: Path, block: Block) -> str:
     """Run ``argv`` for ``block``; it must exit 0.  Its stdout."""
     proc = subprocess.Popen(argv, cwd=cwd, env=environment(), text=True,
@@ -204,12 +195,12 @@ def run(argv: list[str], cwd: Path, block: Block) -> str:
     try:
         stdout, stderr = proc.communicate(timeout=BLOCK_TIMEOUT)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         stdout, stderr = proc.communicate()
         pytest.fail(f"{block.where} still running after {BLOCK_TIMEOUT} s (a hang?)\n"
                     f"--- stdout\n{stdout}\n--- stderr\n{stderr}")
     finally:
-        _kill_group(proc)  # what it left running in the background
+        kill_group(proc)  # what it left running in the background
     assert proc.returncode == 0, (
         f"{block.where} exited with status {proc.returncode}\n--- stdout\n{stdout}"
         f"\n--- stderr\n{stderr}")
@@ -260,7 +251,7 @@ def run_server_block(block: Block, tmp_path: Path) -> str:
                                         f"{server.returncode} on SIGTERM:\n{log.read_text()}")
         return out
     finally:
-        _kill_group(server)
+        kill_group(server)
 
 
 def _params() -> list[object]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import require_guest_image
+from tests.helpers import kill_group, require_guest_image
 
 pytestmark = pytest.mark.qemu
 
@@ -107,7 +107,7 @@ def _run_guest(args: list[str], timeout: float) -> subprocess.CompletedProcess[s
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         proc.communicate()
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

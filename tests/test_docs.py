@@ -13,7 +13,7 @@ Fenced blocks, by language:
   - ``pip install SPEC`` (alone, or before ``&&``) is checked, not run: these tests run in
     the environment it made.  SPEC must name this project and extras it declares.  A
     ``python -m pytest …`` is not run from inside pytest: ``.ci/run`` runs README's
-    (test_ci_runs_readme_test_command).
+    (test_ci_runs_readme_test_command checks it is the same line).
 * ``python``: run as a script by this interpreter, in the scratch directory.
 * no language, or ``text``: an illustration (a diagram, sample output), not run.
 
@@ -353,30 +353,12 @@ def test_readme_opening_commands_are_well_formed() -> None:
 
 
 def test_ci_runs_readme_test_command() -> None:
-    """.ci/run reads README's test command and runs it last, verbatim, after the
-    provisioning and with the CI requirements exported."""
+    """.ci/run runs README's test command last, verbatim, after the provisioning and
+    with the CI requirements exported."""
     _, tests = opening_commands()
-    found = subprocess.run(["bash", ".ci/run", "--print-test-command"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout
-    assert found == tests + "\n"
     steps = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
-    assert steps[-1] == 'eval "$test_cmd"'
+    assert steps[-1] == tests
     for needed in ("bash qemu-configs/provision.sh", "export VHOST_RPMSG_REQUIRE_CFFI=1",
                    "export VHOST_RPMSG_REQUIRE_QEMU=1"):
         assert needed in steps[:-1], needed
-
-
-@pytest.mark.parametrize("readme", [
-    "# x\n```sh\npip install .\n```\n",  # no test command
-    "```sh\npython -m pytest -q\npython -m pytest -x\n```\n",  # two
-    "```python\npython -m pytest\n```\n```sh\npip install .\n```\n",  # not in the sh block
-])
-def test_ci_refuses_a_readme_without_one_test_command(tmp_path: Path, readme: str) -> None:
-    (tmp_path / ".ci").mkdir()
-    (tmp_path / ".ci" / "run").write_text((ROOT / ".ci" / "run").read_text())
-    (tmp_path / "README.md").write_text(readme)
-    proc = subprocess.run(["bash", ".ci/run", "--print-test-command"], cwd=tmp_path,
-                          capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert "exactly one pytest command" in proc.stderr

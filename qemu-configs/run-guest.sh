@@ -125,24 +125,15 @@ if [ "$mmio" = 1 ] && [ "$kvm" = 0 ]; then
 	echo "run-guest: host TSC ${khz} kHz (measured), passed as tsc_early_khz" >&2
 	append="$append tsc_early_khz=$khz"
 fi
+device=()  # --no-device (provisioning's smoke boot): the same line without the device
+[ "$nodev" = 1 ] || device=(socket_path="$socket")
 line=$(PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m vhost_rpmsg.qemu \
-	socket_path="${socket:-/nonexistent}" qemu="$QEMU" memory="$mem" smp="$smp" \
+	"${device[@]+"${device[@]}"}" qemu="$QEMU" memory="$mem" smp="$smp" \
 	vq_size="$vq_size" mmio="$mmio" accel="$([ "$kvm" = 1 ] && echo kvm || echo tcg)" \
 	kernel="$KERNEL" initrd="$initrd" append="$append" no_reboot=1) ||
 	die "the QEMU line could not be built (vhost_rpmsg/qemu.py)"
 eval "args=($line)"   # shlex-quoted by qemu-cmdline
 args=("${args[@]:1}")  # argv[0] is the QEMU binary
-if [ "$nodev" = 1 ]; then
-	# provisioning's smoke boot: the same line without the vhost-user device
-	kept=()
-	for ((i = 0; i < ${#args[@]}; i++)); do
-		case "${args[i]}" in
-		-chardev|-device) i=$((i + 1)) ;;
-		*) kept+=("${args[i]}") ;;
-		esac
-	done
-	args=("${kept[@]}")
-fi
 args+=("${qemu_extra[@]+"${qemu_extra[@]}"}")
 
 if [ "$dry" = 1 ]; then

@@ -34,7 +34,8 @@ MICROVM = "microvm,memory-backend=mem,rtc=on,pic=off"
 class QemuLine:
     """Everything the printed line depends on; ``args()`` gives it as argv."""
 
-    socket_path: str
+    #: None: no rpmsg device (run-guest.sh --no-device, provisioning's smoke boot)
+    socket_path: str | None
     qemu: str = "qemu-system-x86_64"
     memory: str = "256M"
     vq_size: int = 256
@@ -65,11 +66,12 @@ class QemuLine:
             device = "vhost-user-test-device-pci"
         a += ["-accel", self.accel, "-cpu", "host" if self.accel == "kvm" else "max",
               "-m", self.memory, "-smp", str(self.smp),
-              "-object", f"memory-backend-memfd,id=mem,size={self.memory},share=on",
-              "-chardev", f"socket,id=rpmsg0,path={self.socket_path}",
-              "-device", f"{device},chardev=rpmsg0,virtio-id=7,num_vqs=2,"
-                         f"vq_size={self.vq_size}",
-              "-nographic", "-nic", "none"]
+              "-object", f"memory-backend-memfd,id=mem,size={self.memory},share=on"]
+        if self.socket_path is not None:
+            a += ["-chardev", f"socket,id=rpmsg0,path={self.socket_path}",
+                  "-device", f"{device},chardev=rpmsg0,virtio-id=7,num_vqs=2,"
+                             f"vq_size={self.vq_size}"]
+        a += ["-nographic", "-nic", "none"]
         if self.no_reboot:
             a.append("-no-reboot")
         if self.kernel:
@@ -102,7 +104,7 @@ def main(argv: list[str]) -> int:
     try:
         typed = {k: int(v) if kind == "int" else v in ("1", "true") if kind == "bool" else v
                  for k, (v, kind) in values.items()}
-        print(QemuLine(**typed).shell())  # type: ignore[arg-type]
+        print(QemuLine(**{"socket_path": None, **typed}).shell())  # type: ignore[arg-type]
     except (TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

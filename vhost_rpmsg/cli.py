@@ -46,6 +46,7 @@ from .vhost_user.server import (
     VhostUserServer,
     check_socket_path,
     listen_unix,
+    parse_mode,
 )
 
 
@@ -212,14 +213,9 @@ def _release(endpoints: Iterable[Endpoint]) -> None:
 
 def _socket_mode(text: str) -> int:
     try:
-        mode = int(text, 8)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not an octal mode such as 0660",
-                                 param_hint="--socket-mode") from None
-    if not 0 <= mode <= 0o777:
-        raise typer.BadParameter(f"{text!r} is not a permission mode (0000..0777)",
-                                 param_hint="--socket-mode")
-    return mode
+        return parse_mode(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--socket-mode") from None
 
 
 def _endpoints(specs: list[str], index: int | None) -> list[Endpoint]:

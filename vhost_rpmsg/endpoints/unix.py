@@ -14,7 +14,7 @@ import socket
 from typing import Any
 
 from ..rpmsg.codec import MAX_PAYLOAD
-from ..vhost_user.server import UnixListener, listen_unix
+from ..vhost_user.server import UnixListener, listen_unix, parse_mode
 from .base import Endpoint, Port
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,9 @@ class UnixBridge(Endpoint):
         except ValueError:
             raise ValueError(f"dst={dst!r} is not an address") from None
         try:
-            self.mode = int(mode, 8)
-        except ValueError:
-            raise ValueError(f"mode={mode!r} is not an octal mode such as 0660") from None
-        if not 0 <= self.mode <= 0o777:
-            raise ValueError(f"mode={mode!r} is not a permission mode (0000..0777)")
+            self.mode = parse_mode(mode)
+        except ValueError as e:
+            raise ValueError(f"mode={e}") from None
         self.listener: UnixListener | None = None
         self.clients: set[socket.socket] = set()
         self._last_src: int | None = None

@@ -68,6 +68,17 @@ class UnixListener(socket.socket):
         self._ident = None
 
 
+def parse_mode(text: str) -> int:
+    """A socket file's permissions from octal text (``0660``); ValueError saying why."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an octal mode such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{text!r} is not a permission mode (0000..0777)")
+    return mode
+
+
 def check_socket_path(path: str | os.PathLike[str], kind: int = socket.SOCK_STREAM) -> bool:
     """Check that a listener could be published at ``path``, creating nothing.
 

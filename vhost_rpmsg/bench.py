@@ -263,7 +263,9 @@ def _cpu_seconds(pid: int | None = None) -> float:
     Read from the kernel's per-process CPU clock, which brings a running thread's
     runtime up to date before answering.  /proc/PID/task/*/schedstat does not: a thread
     that is on a CPU shows the runtime of its last scheduler event, so over a case of
-    well under a millisecond it could report more CPU than the machine has.
+    well under a millisecond it could report more CPU than the machine has.  Neither is
+    exact at that scale on this project's VMs: the clock read here can still jump by
+    about a scheduler tick, so shares of cases much shorter than 100 ms are rough.
     """
     if pid is None:
         return time.process_time()

@@ -9,85 +9,7 @@
 #include <stddef.h>
 #include <string.h>
 
-#define DESC_SIZE 16u
-#define F_NEXT 1u
-#define F_WRITE 2u
-#define F_INDIRECT 4u
-#define AVAIL_F_NO_INTERRUPT 1u
-#define USED_F_NO_NOTIFY 1u
-
-/* -- little-endian loads and stores, each a single fetch ------------------------------- */
-
-#include "le.h"
-
-/* Pin a value read by memcpy, so the compiler cannot fetch it again from guest memory. */
-#define PIN(v) __asm__ __volatile__("" : "+r"(v))
-
-static inline uint64_t ld64(const uint8_t *p)
-{
-    uint64_t v;
-    if (((uintptr_t)p & 7u) == 0) {
-        v = __atomic_load_n((const uint64_t *)(const void *)p, __ATOMIC_RELAXED);
-    } else {
-        memcpy(&v, p, sizeof v);
-        PIN(v);
-    }
-    return LE64(v);
-}
-
-static inline uint16_t ld16(const uint8_t *p)
-{
-    uint16_t v;
-    if (((uintptr_t)p & 1u) == 0) {
-        v = __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED);
-    } else {
-        memcpy(&v, p, sizeof v);
-        PIN(v);
-    }
-    return LE16(v);
-}
-
-static inline uint16_t ld16_acquire(const uint8_t *p)
-{
-    uint16_t v;
-    if (((uintptr_t)p & 1u) == 0) {
-        v = __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_ACQUIRE);
-    } else {
-        memcpy(&v, p, sizeof v);
-        PIN(v);
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    }
-    return LE16(v);
-}
-
-static inline void st16(uint8_t *p, uint16_t v)
-{
-    v = LE16(v);
-    if (((uintptr_t)p & 1u) == 0)
-        __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELAXED);
-    else
-        memcpy(p, &v, sizeof v);
-}
-
-static inline void st16_release(uint8_t *p, uint16_t v)
-{
-    v = LE16(v);
-    if (((uintptr_t)p & 1u) == 0) {
-        __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELEASE);
-    } else {
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        memcpy(p, &v, sizeof v);
-    }
-}
-
-static inline void st32(uint8_t *p, uint32_t v)
-{
-    v = LE32(v);
-    if (((uintptr_t)p & 3u) == 0)
-        __atomic_store_n((uint32_t *)(void *)p, v, __ATOMIC_RELAXED);
-    else
-        memcpy(p, &v, sizeof v);
-}
+#include "ring_primitives.h"
 
 /* -- address translation ---------------------------------------------------------------- */
 
@@ -100,7 +22,7 @@ static inline int find_gpa(const vr_region *regions, uint32_t nregions, uint64_t
         if (gpa < g->gpa)
             continue;
         uint64_t o = gpa - g->gpa;
-        if (o > g->size || len > g->size - o)
+        if (!range_ok(o, len, g->size))
             continue;
         *region = i;
         *off = o;
@@ -116,7 +38,7 @@ static inline uint8_t *region_range(const vr_region *regions, uint32_t nregions,
     if (r >= nregions)
         return NULL;
     const vr_region *g = &regions[r];
-    if (off > g->size || len > g->size - off)
+    if (!range_ok(off, len, g->size))
         return NULL;
     return g->base + off;
 }
@@ -411,17 +333,16 @@ uint16_t vr_push_used(const vr_ring *ring, uint16_t used_idx, const uint32_t *he
 
 void vr_full_fence(void)
 {
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    full_fence();
 }
 
 int vr_need_notify(const vr_ring *ring, uint16_t new_idx, uint16_t old_idx, int event_idx)
 {
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* our used idx store before their wishes */
+    full_fence(); /* our used idx store before their wishes */
     if (new_idx == old_idx)
         return 0;
     if (event_idx) {
-        const uint16_t event = ld16(ring->avail + 4 + 2 * ring->size);
-        return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
+        return need_event(ld16(ring->avail + 4 + 2 * ring->size), new_idx, old_idx);
     }
     return !(ld16(ring->avail) & AVAIL_F_NO_INTERRUPT);
 }
@@ -438,7 +359,7 @@ int vr_enable_kicks(const vr_ring *ring, uint16_t last_avail, int event_idx)
         st16(ring->used + 4 + 8 * ring->size, last_avail);
     else
         st16(ring->used, 0);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* publish the wish before re-reading idx */
+    full_fence(); /* publish the wish before re-reading idx */
     return ld16_acquire(ring->avail + 2) != last_avail;
 }
 

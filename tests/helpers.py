@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 
 from vhost_rpmsg.guest.ring import DriverRing, RingLayout
-from vhost_rpmsg.memory import GuestMemory
-from vhost_rpmsg.vhost_user.codec import MemoryRegion
-from vhost_rpmsg.virtqueue import SplitQueue
-
-UVA = 0x7F00_0000_0000
+from vhost_rpmsg.virtio.engines import QueueFactory
+from vhost_rpmsg.virtio.memory import GuestMemory, RegionSpec
+from vhost_rpmsg.virtio.queue import Queue, QueueState
+from vhost_rpmsg.virtio.queue_python import PythonQueue
 
 
 class Memfd:
@@ -35,7 +34,7 @@ class Memfd:
 
     def guest_memory(self, gpa: int = 0) -> GuestMemory:
         gm = GuestMemory()
-        gm.set_table([MemoryRegion(gpa, self.size, UVA + gpa, 0)], [self.fd])
+        gm.set_table([RegionSpec(gpa, self.size, 0, self.fd)])
         return gm
 
     def close(self) -> None:
@@ -47,22 +46,30 @@ class Memfd:
         os.close(self.fd)
 
 
+def setup_queue(engine: QueueFactory, gm: GuestMemory, layout: RingLayout, *,
+                event_idx: bool = False, indirect: bool = True, used_base: int = 0,
+                index: int = 0) -> Queue:
+    """The one queue-setup helper: a mapped queue of ``engine`` over ``layout`` in ``gm``
+    (guest-physical addresses), configured as the back-end would."""
+    st = QueueState(index, 1024)
+    st.set_size(layout.size)
+    st.set_addresses(layout.desc, layout.avail, layout.used)
+    st.set_base(used_base)
+    st.event_idx = event_idx
+    st.indirect = indirect
+    st.map(gm)
+    return engine(st)
+
+
 def make_queue(
     memfd: Memfd, size: int = 8, *, event_idx: bool = False, indirect: bool = True,
-    base: int = 0, cls: type[SplitQueue] = SplitQueue,
-) -> tuple[SplitQueue, DriverRing, GuestMemory]:
-    """A started, enabled device queue and the driver view of the same ring."""
+    base: int = 0, engine: QueueFactory = PythonQueue,
+) -> tuple[Queue, DriverRing, GuestMemory]:
+    """A mapped device queue and the driver view of the same ring."""
     gm = memfd.guest_memory()
     layout = RingLayout(base, size)
     drv = DriverRing(memfd.mem, layout, event_idx)
-    q = cls(0, 1024)
-    q.set_size(size)
-    q.set_addresses(UVA + layout.desc, UVA + layout.avail, UVA + layout.used)
-    q.event_idx = event_idx
-    q.indirect = indirect
-    q.map(gm)
-    q.started = q.enabled = True
-    return q, drv, gm
+    return setup_queue(engine, gm, layout, event_idx=event_idx, indirect=indirect), drv, gm
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> None:

@@ -15,7 +15,7 @@ from vhost_rpmsg.guest.rpmsg_guest import SimGuest
 from vhost_rpmsg.vhost_user import codec
 from vhost_rpmsg.vhost_user.codec import MemoryRegion, VringAddr
 from vhost_rpmsg.vhost_user.protocol import ProtocolFeature, Request
-from vhost_rpmsg.virtqueue import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from vhost_rpmsg.virtio.constants import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 
 from .conftest import Running
 from .helpers import wait_until

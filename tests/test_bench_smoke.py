@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from vhost_rpmsg import bench
-from vhost_rpmsg.engines import available_engines
+from vhost_rpmsg.virtio.engines import available_engines
 
 
 def test_bench_smoke(tmp_path: Path) -> None:

@@ -6,10 +6,12 @@ with the same random operations: pops (with every malformed-chain case: loops, n
 head out of range, buffers outside memory or straddling two regions or wrapping 2^64,
 indirect tables nested / badly sized / larger than the queue / with NEXT / not
 negotiated, readable after writable, zero-length descriptors), raw (array) pops, payload
-reads and writes at offsets (negative ones too), used-ring pushes as lists, arrays and
-push_used, notification decisions with and without event idx, kick toggles, guest memory
-changes under outstanding chains (stale chains), unmaps.  After every operation both must
-agree on the result or exception, the queue state and stats, and every byte of guest memory.
+reads and writes at offsets (negative ones too), header splits of raw batches, used-ring
+pushes as lists, arrays and push_used, notification decisions with and without event idx,
+kick toggles, guest memory changes under outstanding chains (stale chains), unmaps.  After
+every operation both must agree on the result or exception, the queue state and stats, the
+state of a vhost-user ring around each queue (broken, as the device breaks it on
+QueueBroken), and every byte of guest memory.
 
 Skipped, with the reason, only when the extension is not built; CI sets
 VHOST_RPMSG_REQUIRE_CFFI=1 so that a missing build fails instead.
@@ -17,12 +19,14 @@ VHOST_RPMSG_REQUIRE_CFFI=1 so that a missing build fails instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import sys
 from collections import Counter
 from collections.abc import Callable
+from operator import methodcaller
 from typing import Any
 
 import numpy as np
@@ -30,25 +34,33 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhost_rpmsg import engines
 from vhost_rpmsg.guest.ring import DriverRing, RingLayout
-from vhost_rpmsg.memory import GuestMemory
-from vhost_rpmsg.vhost_user.codec import MemoryRegion
-from vhost_rpmsg.virtqueue import (
+from vhost_rpmsg.vhost_user.ring_state import Event
+from vhost_rpmsg.vhost_user.vring import Vring
+from vhost_rpmsg.virtio import engines
+from vhost_rpmsg.virtio.constants import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+)
+from vhost_rpmsg.virtio.engines import QueueFactory
+from vhost_rpmsg.virtio.memory import GuestMemory, RegionSpec
+from vhost_rpmsg.virtio.queue import (
     Chain,
     ChainError,
+    Queue,
     QueueBroken,
+    QueueState,
     RawBatch,
-    SplitQueue,
     StaleChain,
 )
+from vhost_rpmsg.virtio.queue_python import PythonQueue
+
+from .helpers import setup_queue
 
 try:
-    from vhost_rpmsg import engine_cffi
-    from vhost_rpmsg.engine_cffi import CffiSplitQueue
+    from vhost_rpmsg.virtio import queue_cffi
+    from vhost_rpmsg.virtio.queue_cffi import CffiQueue
 except ImportError as e:  # the extension is not built
     IMPORT_ERROR: ImportError | None = e
 else:
@@ -63,7 +75,6 @@ needs_cffi = pytest.mark.skipif(
 NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
 M64 = (1 << 64) - 1
 KB = 1024
-UVA = 0x7F00_0000_0000
 
 # Region layouts (gpa, size); region 0 holds the ring, the indirect tables and buffers.
 LAYOUTS: list[list[tuple[int, int]]] = [
@@ -73,6 +84,7 @@ LAYOUTS: list[list[tuple[int, int]]] = [
     [(0x20000, 64 * KB), (0x10000, 64 * KB), (0x30000, 4 * KB)],  # unsorted, both sides
 ]
 NTABLES, TABLE_SLOTS = 4, 16
+SPLIT_SIZES = (0, 1, 16, 40)  # header sizes cut out of every raw batch
 
 
 def test_cffi_engine_is_built() -> None:
@@ -94,35 +106,29 @@ class Mem:
 
     def __init__(self, layout: list[tuple[int, int]]) -> None:
         self.gm = GuestMemory()
-        self.uva_next = UVA
-        descs, fds = [], []
-        for gpa, size in layout:
-            desc, fd = self._memfd(gpa, size)
-            descs.append(desc)
-            fds.append(fd)
+        specs = [self._memfd(gpa, size) for gpa, size in layout]
         try:
-            self.gm.set_table(descs, fds)
+            self.gm.set_table(specs)
         finally:
-            for fd in fds:
-                os.close(fd)  # the mappings outlive the fds; the back-end closes its own
+            for spec in specs:
+                os.close(spec.fd)  # the mappings outlive the fds; the back-end closes its own
 
-    def _memfd(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
+    @staticmethod
+    def _memfd(gpa: int, size: int) -> RegionSpec:
         fd = os.memfd_create("vr-diff", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
-        desc = MemoryRegion(gpa, size, self.uva_next, 0)
-        self.uva_next += 1 << 32
-        return desc, fd
+        return RegionSpec(gpa, size, 0, fd)
 
     def add(self, gpa: int, size: int) -> None:
-        desc, fd = self._memfd(gpa, size)
+        spec = self._memfd(gpa, size)
         try:
-            self.gm.add(desc, fd)
+            self.gm.add(spec)
         finally:
-            os.close(fd)
+            os.close(spec.fd)
 
     def remove(self, index: int) -> None:
         r = self.gm.regions[index]
-        self.gm.remove(MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset))
+        self.gm.remove(r.gpa, r.size)
 
     def write(self, gpa: int, data: bytes) -> None:
         self.gm.write_gpa(gpa, data)
@@ -134,32 +140,83 @@ class Mem:
         self.gm.clear()
 
 
-def make_queue(cls: type[SplitQueue], mem: Mem, size: int, base: int, event_idx: bool,
-               indirect: bool) -> SplitQueue:
-    layout = RingLayout(mem.gm.regions[0].gpa, size)
-    r0 = mem.gm.regions[0]
-    to_uva = r0.uva - r0.gpa
-    q = cls(0, 32768)
-    q.set_size(size)
-    q.set_addresses(layout.desc + to_uva, layout.avail + to_uva, layout.used + to_uva)
-    q.set_base(base)
-    q.event_idx = event_idx
-    q.indirect = indirect
-    q.map(mem.gm)
-    q.started = q.enabled = True
-    return q
+def queue_on(engine: QueueFactory, mem: Mem, size: int, base: int = 0, *,
+             event_idx: bool = False, indirect: bool = True) -> Queue:
+    """A mapped queue of ``engine`` with its rings at the start of region 0 of ``mem``."""
+    return setup_queue(engine, mem.gm, RingLayout(mem.gm.regions[0].gpa, size),
+                       event_idx=event_idx, indirect=indirect, used_base=base)
 
 
-def outcome(fn: Callable[[], Any]) -> tuple[Any, ...]:
+def both_engines() -> tuple[QueueFactory, QueueFactory]:
+    """The reference engine and the C one, in that order."""
+    return PythonQueue, CffiQueue
+
+
+def remap(q: Queue) -> None:
+    """Map the rings again in the memory they are mapped in (if they are)."""
+    if q.state.mem is not None:
+        q.state.map(q.state.mem)
+
+
+def started_vring(q: Queue) -> Vring:
+    """``q`` in a started, enabled vhost-user ring (as the back-end sets it up)."""
+    vr = Vring(q, lambda vr, change: None)
+    vr.apply(Event.START)
+    assert vr.ready
+    return vr
+
+
+Outcome = tuple[Any, ...]
+
+
+def outcome(fn: Callable[[], Any]) -> Outcome:
     try:
         return ("ok", fn())
     except Exception as e:
         return ("raise", type(e), str(e))
 
 
-def qstate(q: SplitQueue) -> tuple[Any, ...]:
-    return (q.last_avail_idx, q.used_idx, q._signalled_used, q.broken, q.stats, q.size,
-            q.ready, q._desc.tobytes(), q._avail.tobytes(), q._used16.tobytes())
+def agree(a: Outcome, b: Outcome) -> bool:
+    """The two outcomes are the same (arrays: same dtype, shape and bytes)."""
+    if a[0] == b[0] == "ok" and isinstance(a[1], np.ndarray):
+        x, y = a[1], b[1]
+        return (isinstance(y, np.ndarray) and x.dtype == y.dtype and x.shape == y.shape
+                and x.tobytes() == y.tobytes())
+    return a == b
+
+
+def qstate(vr: Vring) -> tuple[Any, ...]:
+    """A queue's state and its ring's: what both engines must keep identical."""
+    q = vr.queue.state
+    return (q.last_avail_idx, q.used_idx, q.signalled_used, vr.broken, q.stats, q.size,
+            vr.ready, q.mapped, q.desc.tobytes(), q.avail.tobytes(), q.used16.tobytes())
+
+
+class Engines:
+    """A queue of each engine, each in a started vhost-user ring."""
+
+    def __init__(self, queues: list[Queue]) -> None:
+        py, cf = queues
+        assert isinstance(py, PythonQueue) and isinstance(cf, CffiQueue)
+        self.queues = queues
+        self.cffi = cf  # for its scratch
+        self.vrings = [started_vring(q) for q in queues]
+
+    def run_rings(self, fn: Callable[[Vring], Any]) -> tuple[Outcome, Outcome]:
+        """``fn`` on each ring; a QueueBroken breaks the ring it came from, as a device does."""
+        out = []
+        for vr in self.vrings:
+            res = outcome(functools.partial(fn, vr))
+            if res[0] == "raise" and res[1] is QueueBroken:
+                vr.break_(res[2])
+            out.append(res)
+        return out[0], out[1]
+
+    def run(self, fn: Callable[[Queue], Any]) -> tuple[Outcome, Outcome]:
+        return self.run_rings(lambda vr: fn(vr.queue))
+
+    def same_state(self) -> bool:
+        return qstate(self.vrings[0]) == qstate(self.vrings[1])
 
 
 # -- ring content --------------------------------------------------------------------------
@@ -308,6 +365,13 @@ class Guest:
         return out
 
 
+def pop_and_read(q: Queue, max_chains: int, limit: int
+                 ) -> tuple[list[Chain], list[bytes | None]]:
+    """pop_batch, then read_chain of each chain without error (None for one with)."""
+    chains = q.pop_batch(max_chains)
+    return chains, [q.read_chain(c, limit) if c.ok else None for c in chains]
+
+
 def pack(descs: list[list[int]]) -> bytes:
     arr = np.zeros((len(descs), 2), "<u8")
     for i, (addr, length, flags, nxt) in enumerate(descs):
@@ -319,7 +383,7 @@ def pack(descs: list[list[int]]) -> bytes:
 # -- the scenario ------------------------------------------------------------------------
 
 
-class Pair:
+class Pair(Engines):
     """The two engines over two identical memories, checked after every step."""
 
     def __init__(self, seed: int, layout_no: int, size_log: int, event_idx: bool,
@@ -342,13 +406,12 @@ class Pair:
         self.write_both(self.guest.ring.desc, desc)
         self.write_both(self.guest.tables, tables)
         self.write_both(self.guest.ring.used, bytes(4))  # flags 0, idx 0
-        self.queues = [
-            make_queue(SplitQueue, self.mems[0], self.size, base, event_idx, indirect),
-            make_queue(CffiSplitQueue, self.mems[1], self.size, base, event_idx, indirect),
-        ]
+        super().__init__([
+            queue_on(engine, mem, self.size, base, event_idx=event_idx, indirect=indirect)
+            for engine, mem in zip(both_engines(), self.mems, strict=True)])
         if tiny:  # make every batch outgrow its arrays: the NEED_SEGS / NEED_DATA paths
-            self.queues[1]._batch = engine_cffi._Batch(chains=1, segs=1, data=1)
-            self.queues[1]._raw = engine_cffi._Raw(segs=1, data=1)
+            self.cffi._batch = queue_cffi._Batch(chains=1, segs=1, data=1)
+            self.cffi._raw = queue_cffi._Raw(segs=1, data=1)
         self.chains: list[Chain] = []
         self.raw_heads: list[int] = []  # returnable heads taken by raw pops
         self.raised: Counter[type[BaseException]] = Counter()  # exceptions both engines gave
@@ -371,17 +434,19 @@ class Pair:
             self.write_both(ring.avail + 4 + 2 * slot, head.to_bytes(2, "little"))
         self.write_both(ring.avail + 2, self.guest.avail_idx.to_bytes(2, "little"))
 
-    def both(self, what: str, fn: Callable[[SplitQueue], Any]) -> Any:
-        py, cf = (outcome(lambda q=q: fn(q)) for q in self.queues)
-        assert py == cf, f"{what}: python {py!r} != cffi {cf!r}"
+    def both(self, what: str, fn: Callable[[Queue], Any]) -> Any:
+        return self.both_rings(what, lambda vr: fn(vr.queue))
+
+    def both_rings(self, what: str, fn: Callable[[Vring], Any]) -> Any:
+        py, cf = self.last = self.run_rings(fn)
+        assert agree(py, cf), f"{what}: python {py!r} != cffi {cf!r}"
         self.check_state(what)
         if py[0] == "raise":
             self.raised[py[1]] += 1
         return py
 
     def check_state(self, what: str) -> None:
-        p, c = self.queues
-        assert qstate(p) == qstate(c), f"{what}: queue state differs"
+        assert self.same_state(), f"{what}: queue state differs"
         a, b = ([(-1, ram.tobytes()), *m.snapshot()]
                 for m, ram in zip(self.mems, self.ram0, strict=True))
         assert [g for g, _ in a] == [g for g, _ in b]
@@ -390,6 +455,16 @@ class Pair:
                 diff = np.flatnonzero(np.frombuffer(x, np.uint8) != np.frombuffer(y, np.uint8))
                 raise AssertionError(f"{what}: memory differs in region 0x{gpa:x} at "
                                      f"offsets {diff[:8].tolist()}")
+
+    def split_both(self) -> None:
+        """Both engines cut the headers of both engines' last raw batch: all the same."""
+        py, cf = self.last
+        if py[0] != "ok":
+            return
+        for size in SPLIT_SIZES:
+            for rb in (py[1], cf[1]):
+                self.both(f"split_headers({rb!r}, {size})",
+                          methodcaller("split_headers", rb, size))
 
     def note(self, res: tuple[Any, ...]) -> None:
         if res[0] == "ok" and isinstance(res[1], RawBatch):
@@ -417,25 +492,26 @@ class Pair:
         if op == "pop":
             n = rng.choice([1, 2, 3, 8, 64, self.size, self.size + 3, 0, -1, 1 << 40])
             self.note(self.both(f"pop_batch({n})", lambda q: q.pop_batch(n)))
-        elif op == "popread":
+        elif op == "popread":  # each chain read as soon as it is popped
             n = rng.choice([1, 4, 64, self.size])
             limit = rng.choice([0, 1, 16, 100, 64 * KB + 15, 1 << 70, -1])
-            self.note(self.both(f"pop_read_batch({n}, {limit})",
-                                lambda q: engines.pop_read_batch(q, n, limit)))
+            self.note(self.both(f"pop_batch({n}) + read_chain(, {limit})",
+                                lambda q: pop_and_read(q, n, limit)))
         elif op == "popraw":
             n = rng.choice([1, 4, 64, self.size, self.size + 3, 0, -1, 1 << 40])
             limit = rng.choice([0, 1, 16, 100, 64 * KB + 15, 1 << 70, -1])
             self.note(self.both(f"pop_raw_batch({n}, {limit})",
                                 lambda q: q.pop_raw_batch(n, limit)))
+            self.split_both()
         elif op in ("read", "write") and self.chains:
             useful = [c for c in self.chains if (c.readable if op == "read" else c.writable)]
             c = rng.choice(useful if useful and rng.random() < 0.8 else self.chains)
             total = c.read_len if op == "read" else c.write_len
             offset = rng.choice([0, 0, 0, 1, rng.randrange(total + 2), total, total + 5, -3])
             if op == "read":
-                limit = rng.choice([None, None, 0, 1, 7, rng.randrange(total + 2), -1, 1 << 70])
-                self.both(f"read_chain({c}, {limit}, {offset})",
-                          lambda q: q.read_chain(c, limit, offset))
+                upto = rng.choice([None, None, 0, 1, 7, rng.randrange(total + 2), -1, 1 << 70])
+                self.both(f"read_chain({c}, {upto}, {offset})",
+                          lambda q: q.read_chain(c, upto, offset))
             else:
                 data = rng.randbytes(rng.choice([0, 1, 5, 16, 100, total, total + 3]))
                 kind = rng.choice([bytes, bytearray, memoryview])
@@ -453,7 +529,7 @@ class Pair:
             if form == "list":
                 self.both(f"push_batch({entries})", lambda q: q.push_batch(entries))
             elif form == "array":
-                arr = np.array(entries, np.int64).reshape(-1, 2)
+                arr: np.ndarray = np.array(entries, np.int64).reshape(-1, 2)
                 if rng.random() < 0.7 and all(0 <= h < 1 << 32 for h, _ in entries):
                     arr = arr.astype(np.uint32)
                 if rng.random() < 0.2:  # not C-contiguous: converted first
@@ -476,15 +552,18 @@ class Pair:
             if rng.random() < 0.5:
                 ring = self.guest.ring
                 self.write_both(ring.avail, rng.choice([0, 1, 3]).to_bytes(2, "little"))
-                event = rng.choice([self.queues[0].used_idx, rng.getrandbits(16), 0])
+                event = rng.choice([self.queues[0].state.used_idx, rng.getrandbits(16), 0])
                 self.write_both(ring.avail + 4 + 2 * self.size, event.to_bytes(2, "little"))
-            fn = rng.choice([SplitQueue.need_notify, SplitQueue.notify])
-            self.both(fn.__name__, lambda q: getattr(q, fn.__name__)())
+            if rng.choice(["need_notify", "notify"]) == "need_notify":
+                self.both("need_notify", lambda q: q.need_notify())
+            else:  # the ring's: need_notify, the call eventfd and the notify stats
+                self.both_rings("notify", lambda vr: vr.notify())
         elif op == "kicks":
             name = rng.choice(["enable_kicks", "disable_kicks"])
             self.both(name, lambda q: getattr(q, name)())
         elif op == "publish":
-            room = self.size - ((self.guest.avail_idx - self.queues[0].last_avail_idx) & 0xFFFF)
+            room = self.size - ((self.guest.avail_idx - self.queues[0].state.last_avail_idx)
+                                & 0xFFFF)
             count = max(0, min(room, rng.choice([1, 2, 3, self.size // 2, self.size])))
             if rng.random() < 0.08:  # too far ahead: the queue breaks
                 count = rng.choice([self.size + 1, rng.randrange(1 << 16)])
@@ -496,12 +575,12 @@ class Pair:
         elif op == "features":
             attr = rng.choice(["event_idx", "indirect"])
             for q in self.queues:
-                setattr(q, attr, not getattr(q, attr))
+                setattr(q.state, attr, not getattr(q.state, attr))
         elif op == "memory":
             self.memory_change()
         elif op == "rebase":  # the front-end sets the ring up again (SET_VRING_BASE)
             base = (self.guest.avail_idx - rng.randrange(self.size + 1)) & 0xFFFF
-            self.both(f"set_base({base})", lambda q: q.set_base(base))
+            self.both(f"set_base({base})", lambda q: q.state.set_base(base))
 
     def memory_change(self) -> None:
         """Change the region table under the queues (and outstanding chains)."""
@@ -518,9 +597,9 @@ class Pair:
                 for m in self.mems:
                     m.add(gpa, 8 * KB)
         elif action == "remap":
-            self.both("map", lambda q: q.map(q._mem) if q._mem is not None else None)
+            self.both("map", remap)
         elif action == "unmap":
-            self.both("unmap", lambda q: q.unmap())
+            self.both("unmap", lambda q: q.state.unmap())
         elif action == "clear":
             for m in self.mems:
                 m.gm.clear()
@@ -596,7 +675,7 @@ def test_engines_agree_on_a_seed_sweep() -> None:
 # -- targeted cases -----------------------------------------------------------------------
 
 
-class Duo:
+class Duo(Engines):
     """Both engines on two one-region memories, driven through DriverRing views."""
 
     def __init__(self, size: int = 8, *, event_idx: bool = False, indirect: bool = True,
@@ -606,16 +685,20 @@ class Duo:
         self.rl = RingLayout(self.layout[0][0], size)
         self.drivers = [DriverRing(m.gm.regions[0].mem, RingLayout(0, size), event_idx)
                         for m in self.mems]
-        self.queues = [make_queue(cls, m, size, 0, event_idx, indirect)
-                       for cls, m in zip((SplitQueue, CffiSplitQueue), self.mems, strict=True)]
+        super().__init__([
+            queue_on(engine, m, size, event_idx=event_idx, indirect=indirect)
+            for engine, m in zip(both_engines(), self.mems, strict=True)])
 
     def each(self, fn: Callable[[DriverRing, Mem], Any]) -> list[Any]:
         return [fn(d, m) for d, m in zip(self.drivers, self.mems, strict=True)]
 
-    def both(self, fn: Callable[[SplitQueue], Any]) -> Any:
-        py, cf = (outcome(lambda q=q: fn(q)) for q in self.queues)
-        assert py == cf
-        assert qstate(self.queues[0]) == qstate(self.queues[1])
+    def both(self, fn: Callable[[Queue], Any]) -> Any:
+        return self.both_rings(lambda vr: fn(vr.queue))
+
+    def both_rings(self, fn: Callable[[Vring], Any]) -> Any:
+        py, cf = self.run_rings(fn)
+        assert agree(py, cf), f"python {py!r} != cffi {cf!r}"
+        assert self.same_state()
         assert self.mems[0].snapshot() == self.mems[1].snapshot()
         return py
 
@@ -700,7 +783,11 @@ def test_queue_broken_identically() -> None:
     res = duo.both(lambda q: q.pop_batch(0))
     assert res[:2] == ("raise", QueueBroken)
     assert res[2] == "avail idx 9 is 9 ahead of 0"
-    assert duo.queues[1].broken == "avail idx 9 is 9 ahead of 0"
+    with pytest.raises(QueueBroken) as exc:  # the cffi engine's own message; nothing taken
+        duo.cffi.pop_batch(0)
+    assert str(exc.value) == "avail idx 9 is 9 ahead of 0"
+    assert all(vr.broken == "avail idx 9 is 9 ahead of 0" and not vr.ready
+               for vr in duo.vrings)
     duo.close()
 
 
@@ -713,13 +800,13 @@ def test_notify_decisions_identically(event_idx: bool) -> None:
         duo.each(lambda d, m: d.publish())
         res = duo.both(lambda q: q.pop_batch(8))
         (c,) = res[1]
-        duo.both(lambda q, c=c: q.push_batch([(c.head, 0)]))
+        duo.both(methodcaller("push_batch", [(c.head, 0)]))
         if round_ % 3 == 0:
             duo.each(lambda d, m: d.enable_interrupts())
         elif round_ % 3 == 1:
             duo.each(lambda d, m: d.disable_interrupts())
         duo.both(lambda q: q.need_notify())
-        duo.both(lambda q, odd=round_ % 2: q.enable_kicks() if odd else q.disable_kicks())
+        duo.both(methodcaller("enable_kicks" if round_ % 2 else "disable_kicks"))
         duo.each(lambda d, m: d.get_used())
     duo.close()
 
@@ -748,11 +835,11 @@ def test_stale_chains_after_the_table_changes() -> None:
     # an added region too; remapping the rings (same table) is no change
     for m in duo.mems:
         m.add(0x4000_0000, 8 * KB)
-    duo.both(lambda q: q.map(q._mem))
+    duo.both(remap)
     duo.each(lambda d, m: d.add([(BUF, 8, 0), (BUF + 64, 8, WRITE)]))
     duo.each(lambda d, m: d.publish())
     (c3,) = duo.both(lambda q: q.pop_batch(1))[1]
-    duo.both(lambda q: q.map(q._mem))
+    duo.both(remap)
     assert duo.both(lambda q: q.read_chain(c3))[0] == "ok"
     assert duo.both(lambda q: q.write_chain(c3, b"w" * 8)) == ("ok", 8)
     for m in duo.mems:
@@ -780,14 +867,14 @@ def test_negative_offsets_are_value_errors() -> None:
     duo.each(lambda d, m: d.publish())
     for c in duo.both(lambda q: q.pop_batch(2))[1]:
         for off in (-1, -8, -(1 << 70)):
-            assert duo.both(lambda q, c=c, off=off: q.read_chain(c, None, off)) == (
+            assert duo.both(methodcaller("read_chain", c, None, off)) == (
                 "raise", ValueError, f"offset {off} is negative")
-            assert duo.both(lambda q, c=c, off=off: q.read_chain(c, 4, off))[:2] == (
+            assert duo.both(methodcaller("read_chain", c, 4, off))[:2] == (
                 "raise", ValueError)
-            assert duo.both(lambda q, c=c, off=off: q.write_chain(c, b"abcdef", off)) == (
+            assert duo.both(methodcaller("write_chain", c, b"abcdef", off)) == (
                 "raise", ValueError, f"offset {off} is negative")
-        assert duo.both(lambda q, c=c: q.read_chain(c, None, 0))[0] == "ok"
-        assert duo.both(lambda q, c=c: q.write_chain(c, b"abcdef", 1))[0] == "ok"
+        assert duo.both(methodcaller("read_chain", c, None, 0))[0] == "ok"
+        assert duo.both(methodcaller("write_chain", c, b"abcdef", 1))[0] == "ok"
     duo.close()
 
 
@@ -866,7 +953,7 @@ def test_pop_raw_batch_identically(limit: int) -> None:
         assert rb.heads[i] == c.head and rb.errors[i] == c.error
         assert rb.payload(i) == (q.read_chain(c, limit) if c.ok else b"")
     assert rb.data == b"".join(rb.payload(i) for i in range(rb.count))
-    assert duo.queues[1].stats == q.stats  # popped 10, bad 3
+    assert duo.queues[1].state.stats == q.state.stats  # popped 10, bad 3
     ref.close()
     # nothing left; a second pop is empty in both
     res = duo.both(lambda q: q.pop_raw_batch(64, limit))
@@ -876,18 +963,86 @@ def test_pop_raw_batch_identically(limit: int) -> None:
     duo.close()
 
 
+def _headers(rb: RawBatch, size: int) -> list[bytes]:
+    """What split_headers must give: each chain's first ``size`` bytes, zero-filled."""
+    return [(p := rb.payload(i)[:size]) + bytes(size - len(p)) for i in range(rb.count)]
+
+
+def _split_both(duo: Duo, batches: list[RawBatch], size: int) -> None:
+    """Both engines cut every batch of ``batches``: the same array, the expected bytes."""
+    for rb in batches:
+        res = duo.both(methodcaller("split_headers", rb, size))
+        assert res[0] == "ok", res
+        arr = res[1]
+        assert isinstance(arr, np.ndarray)
+        assert arr.dtype == np.uint8 and arr.shape == (rb.count, size)
+        assert [row.tobytes() for row in arr] == _headers(rb, size)
+
+
+@needs_cffi
+@pytest.mark.parametrize("limit", [-1, 0, 1, 8, 16, 20, 1 << 20])
+def test_split_headers_identically(limit: int) -> None:
+    """Raw batches with short, empty and bad chains: both engines cut the same headers."""
+    duo = Duo(size=16)
+    duo.each(_fill_raw)
+    py, cf = duo.run(lambda q: q.pop_raw_batch(64, limit))
+    assert py[0] == cf[0] == "ok" and py == cf
+    batches = [py[1], cf[1]]  # each engine on its own batch and on the other's
+    assert batches[0].count == 10
+    for size in (0, 1, 4, 15, 16, 17, 40, 64 * KB):
+        _split_both(duo, batches, size)
+    # nothing left: the empty batch of each engine, and the shared RawBatch.empty()
+    py, cf = duo.run(lambda q: q.pop_raw_batch(64, limit))
+    assert py == cf == ("ok", RawBatch.empty())
+    for size in (0, 16):
+        _split_both(duo, [py[1], cf[1], RawBatch.empty()], size)
+    duo.close()
+
+
+@needs_cffi
+def test_split_headers_of_full_and_made_up_batches() -> None:
+    """Every chain at least as long as the header (one gather), and hand-made batches."""
+    duo = Duo(size=8)
+
+    def fill(d: DriverRing, m: Mem) -> None:
+        for i in range(6):
+            m.write(BUF + 256 * i, bytes(range(i, i + 48)))
+            d.add([(BUF + 256 * i, 8, 0), (BUF + 256 * i + 8, 24 + i, 0)])
+        d.publish()
+
+    duo.each(fill)
+    py, cf = duo.run(lambda q: q.pop_raw_batch(8, 32))
+    assert py == cf and py[1].lengths.tolist() == [32] * 6
+    for size in (1, 16, 31, 32, 33):  # all full, then all one byte short
+        _split_both(duo, [py[1], cf[1]], size)
+    data = bytes(range(1, 80))
+    lengths = [0, 3, 16, 20, 0, 1, 39]
+    offsets = np.cumsum([0, *lengths[:-1]])
+    made = RawBatch(np.arange(7, dtype=np.uint32), np.zeros(7, np.uint8), np.zeros(7, np.bool_),
+                    np.array(lengths, np.int64), offsets.astype(np.int64), data[: sum(lengths)])
+    single = RawBatch(np.zeros(1, np.uint32), np.zeros(1, np.uint8), np.zeros(1, np.bool_),
+                      np.array([5], np.int64), np.zeros(1, np.int64), data[:5])
+    for size in (0, 1, 3, 4, 16, 17, 20, 21, 64):
+        _split_both(duo, [made, single], size)
+    duo.close()
+
+
 @needs_cffi
 def test_pop_raw_batch_limits_and_partial_batches() -> None:
     duo = Duo(size=8)
     for rounds in range(6):
         k = rounds + 1
-        duo.each(lambda d, m, k=k: [d.add([(BUF + 64 * j, 16 + j, 0)]) for j in range(k)])
+        def post(d: DriverRing, m: Mem, k: int = k) -> None:
+            for j in range(k):
+                d.add([(BUF + 64 * j, 16 + j, 0)])
+
+        duo.each(post)
         duo.each(lambda d, m: d.publish())
         for want in (0, -5, 2, 64):
-            rb = duo.both(lambda q, want=want: q.pop_raw_batch(want, 12))[1]
+            rb = duo.both(methodcaller("pop_raw_batch", want, 12))[1]
             assert rb.count == (0 if want <= 0 else min(want, k))
             if rb.count:
-                duo.both(lambda q, rb=rb: q.push_used(rb.heads, 0))
+                duo.both(methodcaller("push_used", rb.heads, 0))
                 k -= rb.count
         duo.each(lambda d, m: d.get_used())
     duo.close()
@@ -898,7 +1053,7 @@ def test_pop_raw_batch_queue_broken_identically() -> None:
     duo = Duo(size=4)
     duo.each(lambda d, m: m.write(d.layout.avail + 2, (9).to_bytes(2, "little")))
     for n in (0, 4):
-        res = duo.both(lambda q, n=n: q.pop_raw_batch(n, 16))
+        res = duo.both(methodcaller("pop_raw_batch", n, 16))
         assert res == ("raise", QueueBroken, "avail idx 9 is 9 ahead of 0")
     duo.close()
 
@@ -926,7 +1081,7 @@ def test_pop_raw_batch_grows_its_scratch() -> None:
     rb = duo.both(lambda q: q.pop_raw_batch(64, 1 << 20))[1]
     assert rb.lengths.tolist() == [400, len(big), len(big), len(big), 100]
     assert rb.payload(0) == big[:400] and rb.payload(3) == big and rb.payload(4) == big[7:107]
-    raw = duo.queues[1]._raw
+    raw = duo.cffi._raw
     assert raw is not None and raw.seg_cap >= 400 and raw.data_cap >= 3 * len(big) + 500
     duo.close()
 
@@ -961,10 +1116,10 @@ def test_push_forms_write_the_same_ring() -> None:
     heads = [3, 1, 7, 0, 5, 2, 6, 4, 1, 3, 0]  # more than the ring: it wraps over itself
     for n in (1, 3, 8, 11):
         rings = []
-        for cls in (SplitQueue, CffiSplitQueue):
+        for engine in (PythonQueue, CffiQueue):
             for form in ("list", "array", "strided", "int64", "used"):
                 mem = Mem([(0, 64 * KB)])
-                q = make_queue(cls, mem, size, 0xFFFE, False, True)
+                q = queue_on(engine, mem, size, 0xFFFE)
                 hs = heads[:n]
                 if form == "list":
                     q.push_batch([(h, 77) for h in hs])
@@ -976,9 +1131,9 @@ def test_push_forms_write_the_same_ring() -> None:
                     q.push_batch(np.array([(h, 77) for h in hs], np.int64))
                 else:
                     q.push_used(np.array(hs, np.uint32), 77)
-                rings.append((cls.engine, form, q.used_idx, q.stats.pushed,
-                              q._used16.tobytes()))
-                q.unmap()
+                rings.append((engine.name, form, q.state.used_idx, q.state.stats.pushed,
+                              q.state.used16.tobytes()))
+                q.state.unmap()
                 mem.close()
         first = rings[0][2:]
         assert first[0] == (0xFFFE + n) & 0xFFFF
@@ -1009,12 +1164,12 @@ GOOD_ENTRIES = np.array([[1, 0], [2, 0]], np.uint32)
     (lambda q: q.pop_raw_batch(1, None), TypeError),
 ])
 def test_bad_array_input_fails_identically_before_any_write(
-        call: Callable[[SplitQueue], Any], error: type[Exception]) -> None:
+        call: Callable[[Queue], Any], error: type[Exception]) -> None:
     duo = Duo(size=8)
     duo.each(lambda d, m: d.add([(BUF, 8, 0)]))
     duo.each(lambda d, m: d.publish())
     assert duo.both(call)[:2] == ("raise", error)
-    assert all(q.used_idx == 0 and q.last_avail_idx == 0 for q in duo.queues)
+    assert all(q.state.used_idx == 0 and q.state.last_avail_idx == 0 for q in duo.queues)
     assert duo.both(lambda q: q.push_used(GOOD_HEADS, 0xFFFFFFFF)) == ("ok", None)
     assert duo.both(lambda q: q.push_batch(GOOD_ENTRIES)) == ("ok", None)
     duo.close()
@@ -1023,7 +1178,7 @@ def test_bad_array_input_fails_identically_before_any_write(
 @needs_cffi
 def test_push_used_on_an_unmapped_queue_fails_identically() -> None:
     duo = Duo()
-    duo.both(lambda q: q.unmap())
+    duo.both(lambda q: q.state.unmap())
     heads = np.array([0], np.uint32)
     assert duo.both(lambda q: q.push_used(heads, 0))[:2] == ("raise", RuntimeError)
     assert duo.both(lambda q: q.push_used(heads[:0], 0)) == ("ok", None)
@@ -1038,14 +1193,14 @@ def test_unmapped_queue_fails_identically() -> None:
     duo.each(lambda d, m: d.add([(BUF, 16, 0)]))
     duo.each(lambda d, m: d.publish())
     (c,) = duo.both(lambda q: q.pop_batch(1))[1]
-    duo.both(lambda q: q.unmap())
+    duo.both(lambda q: q.state.unmap())
     for fn in (lambda q: q.pop_batch(1), lambda q: q.push_batch([(0, 0)]),
                lambda q: q.read_chain(c), lambda q: q.write_chain(c, b"abc"),
                lambda q: q.enable_kicks(), lambda q: q.disable_kicks()):
         assert duo.both(fn)[0] == "raise"
     assert duo.both(lambda q: q.need_notify()) == ("ok", False)  # nothing pushed since
     for q in duo.queues:
-        q.used_idx += 1
+        q.state.used_idx += 1
     assert duo.both(lambda q: q.need_notify())[0] == "raise"
     duo.close()
 
@@ -1054,11 +1209,11 @@ def test_unmapped_queue_fails_identically() -> None:
 def test_unmap_releases_the_mapping() -> None:
     """After unmap() the C engine holds nothing: clearing memory really unmaps it."""
     mem = Mem([(0, 64 * KB)])
-    q = make_queue(CffiSplitQueue, mem, 8, 0, False, True)
+    q = queue_on(CffiQueue, mem, 8)
     q.pop_batch(1)
     m = mem.gm.regions[0]._map
     assert m is not None
-    q.unmap()
+    q.state.unmap()
     mem.gm.clear()
     assert m.closed
 
@@ -1067,57 +1222,35 @@ def test_unmap_releases_the_mapping() -> None:
 def test_regions_stay_mapped_while_the_engine_uses_them() -> None:
     """Memory cleared under a mapped queue: its pages live on until the queue lets go."""
     mem = Mem([(0, 64 * KB)])
-    q = make_queue(CffiSplitQueue, mem, 8, 0, False, True)
+    q = queue_on(CffiQueue, mem, 8)
     m = mem.gm.regions[0]._map
     assert m is not None
     mem.gm.clear()
     assert not m.closed
     q.pop_batch(8)  # reads the ring through mappings that are still there
-    q.unmap()
-
-
-@needs_cffi
-def test_pop_read_batch_is_read_chain() -> None:
-    duo = Duo(size=128)
-    msgs = [bytes([i]) * (16 + i) for i in range(40)]
-
-    def fill(d: DriverRing, m: Mem) -> None:
-        for i, msg in enumerate(msgs):
-            m.write(BUF + 256 * i, msg)
-            d.add([(BUF + 256 * i, 8, 0), (BUF + 256 * i + 8, len(msg) - 8, 0)])
-        d.add([(BUF, 8, WRITE), (BUF, 8, 0)])  # a bad chain: no payload
-        d.publish()
-
-    duo.each(fill)
-    q = duo.queues[1]
-    chains, payloads = q.pop_read_batch(64, 20)
-    assert payloads[:40] == [msg[:20] for msg in msgs]
-    assert payloads[40] is None and chains[40].error is ChainError.READABLE_AFTER_WRITABLE
-    py = duo.queues[0].pop_batch(64)
-    assert chains == py
-    duo.close()
+    q.state.unmap()
 
 
 # -- engine selection --------------------------------------------------------------------------
 
 
 def test_engine_selection() -> None:
-    assert engines.queue_factory("python") is SplitQueue
+    assert engines.queue_factory("python") is PythonQueue
     assert "python" in engines.available_engines()
     with pytest.raises(ValueError, match="unknown engine"):
         engines.queue_factory("rust")
     if IMPORT_ERROR is None:
-        assert engines.queue_factory("cffi") is CffiSplitQueue
-        assert engines.queue_factory("auto") is CffiSplitQueue
-        assert engines.queue_factory()(3, 256).engine == "cffi"
+        assert engines.queue_factory("cffi") is CffiQueue
+        assert engines.queue_factory("auto") is CffiQueue
+        assert engines.queue_factory()(QueueState(3, 256)).name == "cffi"
 
 
 def test_auto_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch,
                                         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setitem(sys.modules, "_vhost_rpmsg_vring", None)  # import fails
-    monkeypatch.delitem(sys.modules, "vhost_rpmsg.engine_cffi", raising=False)
-    with caplog.at_level(logging.WARNING, "vhost_rpmsg.engines"):
-        assert engines.queue_factory("auto") is SplitQueue
+    monkeypatch.delitem(sys.modules, "vhost_rpmsg.virtio.queue_cffi", raising=False)
+    with caplog.at_level(logging.WARNING, "vhost_rpmsg.virtio.engines"):
+        assert engines.queue_factory("auto") is PythonQueue
     assert engines.AUTO_FALLBACK_WARNING in caplog.text
     assert engines.available_engines() == ["python"]
     with pytest.raises(engines.EngineUnavailable, match="cffi engine is not built"):

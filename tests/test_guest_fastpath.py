@@ -36,10 +36,15 @@ from vhost_rpmsg.endpoints.builtin import Echo, Sink, Source
 from vhost_rpmsg.guest import GuestTimeout, SimGuest, fastpath, rpmsg_guest
 from vhost_rpmsg.guest.frontend import GuestRam
 from vhost_rpmsg.guest.ring import RingLayout
-from vhost_rpmsg.guest.rpmsg_guest import MAX_BUFS, RX, TX, VIRTIO_RPMSG_F_NS
+from vhost_rpmsg.guest.rpmsg_guest import MAX_BUFS, RX, TX
 from vhost_rpmsg.rpmsg import codec as rp
-from vhost_rpmsg.vhost_user.protocol import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
-from vhost_rpmsg.virtqueue import VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY
+from vhost_rpmsg.virtio.constants import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RPMSG_F_NS,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+)
 
 IMPORT_ERROR = fastpath.IMPORT_ERROR
 

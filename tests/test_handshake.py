@@ -6,15 +6,17 @@ import pytest
 
 from vhost_rpmsg.guest.frontend import Frontend, FrontendError, GuestRam
 from vhost_rpmsg.guest.rpmsg_guest import QEMU_PROTOCOL_FEATURES, SimGuest
-from vhost_rpmsg.rpmsg.device import VIRTIO_RPMSG_F_NS
 from vhost_rpmsg.vhost_user import codec
 from vhost_rpmsg.vhost_user.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
+    ProtocolFeature,
+    Request,
+)
+from vhost_rpmsg.virtio.constants import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
-    ProtocolFeature,
-    Request,
+    VIRTIO_RPMSG_F_NS,
 )
 
 from .conftest import Running
@@ -82,7 +84,7 @@ def test_rings_wait_for_enable_when_protocol_features_negotiated(serve) -> None:
     def spy() -> None:
         b = r.server.backend
         assert b is not None
-        backend_seen.append([(q.started, q.enabled) for q in b.queues])
+        backend_seen.append([(v.ring.started, v.ring.enabled) for v in b.vrings])
 
     g = r.guest().start()
     r.call(spy)
@@ -114,7 +116,7 @@ def test_get_vring_base_returns_next_avail_and_keeps_state(serve) -> None:  # ty
     assert bases == [3, 10]  # 3 rx buffers and 10 tx buffers taken by the host
     b = r.server.backend
     assert b is not None and b.memory.regions  # GET_VRING_BASE does not drop memory
-    assert all(q.size == 256 for q in b.queues)  # nor ring configuration
+    assert all(v.queue.state.size == 256 for v in b.vrings)  # nor ring configuration
     g.disconnect()
 
 
@@ -126,7 +128,7 @@ def test_reset_device_stops_rings_and_ends_the_session(serve) -> None:  # type: 
     g.fe.request(Request.RESET_DEVICE, need_reply=True)
     wait_until(lambda: not r.device.guest_ready)
     b = r.server.backend
-    assert b is not None and not any(q.started for q in b.queues)
+    assert b is not None and not any(v.ring.started for v in b.vrings)
     g.disconnect()
 
 
@@ -139,7 +141,7 @@ def test_rem_mem_reg_unmaps_and_rings_stop(serve) -> None:  # type: ignore[no-un
     b = r.server.backend
     assert b is not None
     assert len(b.memory) == 0
-    assert not any(q.ready for q in b.queues)
+    assert not any(v.ready for v in b.vrings)
     assert b.errors["ring_unmapped"] == 2
     g.disconnect()
 

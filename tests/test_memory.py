@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 
 import pytest
 
-from vhost_rpmsg.memory import BadAddress, GuestMemory
+from vhost_rpmsg.vhost_user.addresses import FrontEndAddresses
 from vhost_rpmsg.vhost_user.codec import MemoryRegion
+from vhost_rpmsg.virtio.memory import BadAddress, GuestMemory, RegionSpec
 
-from .helpers import UVA, Memfd
+from .helpers import Memfd
+
+UVA = 0x7F00_0000_0000
 
 
 @pytest.fixture
-def memfd():
+def memfd() -> Iterator[Memfd]:
     m = Memfd(1 << 16)
     yield m
     m.close()
@@ -23,7 +27,6 @@ def test_translate_inside_and_at_the_edges(memfd: Memfd) -> None:
     gm = memfd.guest_memory(gpa=0x10000)
     assert gm.find_gpa(0x10000, 1) == (0, 0)
     assert gm.find_gpa(0x10000 + (1 << 16) - 8, 8) == (0, (1 << 16) - 8)
-    assert gm.find_uva(UVA + 0x10000 + 16, 16) == (0, 16)
     for gpa, n in [(0xFFFF, 1), (0x10000 + (1 << 16) - 7, 8), (0x20000, 1), (2**64 - 1, 2)]:
         with pytest.raises(BadAddress):
             gm.find_gpa(gpa, n)
@@ -43,7 +46,7 @@ def test_region_larger_than_its_file_is_refused() -> None:
     m = Memfd(4096)
     gm = GuestMemory()
     with pytest.raises(BadAddress, match="exceeds"):
-        gm.set_table([MemoryRegion(0, 1 << 20, UVA, 0)], [m.fd])
+        gm.set_table([RegionSpec(0, 1 << 20, 0, m.fd)])
     assert len(gm) == 0
     m.close()
 
@@ -52,7 +55,7 @@ def test_unaligned_mmap_offset_is_honoured() -> None:
     m = Memfd(3 * mmap.PAGESIZE)
     m.mem[mmap.PAGESIZE + 100 : mmap.PAGESIZE + 104] = list(b"DATA")
     gm = GuestMemory()
-    gm.set_table([MemoryRegion(0, 4096, UVA, mmap.PAGESIZE + 100)], [m.fd])
+    gm.set_table([RegionSpec(0, 4096, mmap.PAGESIZE + 100, m.fd)])
     assert gm.read_gpa(0, 4) == b"DATA"
     gm.clear()
     m.close()
@@ -60,40 +63,39 @@ def test_unaligned_mmap_offset_is_honoured() -> None:
 
 def test_overlapping_regions_are_refused_and_nothing_changes(memfd: Memfd) -> None:
     gm = GuestMemory()
-    gm.add(MemoryRegion(0, 4096, UVA, 0), memfd.fd)
+    gm.add(RegionSpec(0, 4096, 0, memfd.fd))
     with pytest.raises(BadAddress, match="overlaps"):
-        gm.add(MemoryRegion(2048, 4096, UVA + 8192, 0), memfd.fd)
+        gm.add(RegionSpec(2048, 4096, 0, memfd.fd))
     assert len(gm) == 1
     with pytest.raises(BadAddress, match="overlaps"):
-        gm.set_table([MemoryRegion(0, 4096, UVA, 0), MemoryRegion(4095, 10, UVA, 0)],
-                     [memfd.fd, memfd.fd])
+        gm.set_table([RegionSpec(0, 4096, 0, memfd.fd), RegionSpec(4095, 10, 0, memfd.fd)])
     assert len(gm) == 1  # the old table survives a refused replacement
     gm.clear()
 
 
 def test_add_remove_and_slot_limit(memfd: Memfd) -> None:
     gm = GuestMemory(max_regions=2)
-    a = MemoryRegion(0, 4096, UVA, 0)
-    b = MemoryRegion(8192, 4096, UVA + 8192, 8192)
-    gm.add(a, memfd.fd)
-    gm.add(b, memfd.fd)
+    a = RegionSpec(0, 4096, 0, memfd.fd)
+    b = RegionSpec(8192, 4096, 8192, memfd.fd)
+    gm.add(a)
+    gm.add(b)
     with pytest.raises(BadAddress, match="slot"):
-        gm.add(MemoryRegion(16384, 4096, UVA + 16384, 16384), memfd.fd)
+        gm.add(RegionSpec(16384, 4096, 16384, memfd.fd))
     gen = gm.generation
-    gm.remove(a)
+    gm.remove(a.gpa, a.size)
     assert gm.generation > gen
     with pytest.raises(BadAddress):
         gm.find_gpa(0, 1)
     assert gm.find_gpa(8192, 4096) == (0, 0)
     with pytest.raises(BadAddress, match="no region"):
-        gm.remove(a)
+        gm.remove(a.gpa, a.size)
     gm.clear()
 
 
 def test_ranges_never_span_two_regions(memfd: Memfd) -> None:
     gm = GuestMemory()
-    gm.add(MemoryRegion(0, 4096, UVA, 0), memfd.fd)
-    gm.add(MemoryRegion(4096, 4096, UVA + 4096, 4096), memfd.fd)
+    gm.add(RegionSpec(0, 4096, 0, memfd.fd))
+    gm.add(RegionSpec(4096, 4096, 4096, memfd.fd))
     with pytest.raises(BadAddress):
         gm.find_gpa(4000, 200)
     gm.clear()
@@ -101,4 +103,21 @@ def test_ranges_never_span_two_regions(memfd: Memfd) -> None:
 
 def test_size_zero_region_is_refused(memfd: Memfd) -> None:
     with pytest.raises(BadAddress):
-        GuestMemory().add(MemoryRegion(0, 0, UVA, 0), memfd.fd)
+        GuestMemory().add(RegionSpec(0, 0, 0, memfd.fd))
+
+
+def test_front_end_addresses_become_guest_physical_at_the_edge() -> None:
+    fe = FrontEndAddresses()
+    a = MemoryRegion(0x10000, 1 << 16, UVA + 0x10000, 0)
+    fe.set_table([a])
+    assert fe.to_gpa(UVA + 0x10000 + 16, 16) == 0x10000 + 16
+    assert fe.to_gpa(UVA + 0x10000 + (1 << 16) - 8, 8) == 0x10000 + (1 << 16) - 8
+    for uva, n in [(UVA + 0xFFFF, 1), (UVA + 0x10000 + (1 << 16) - 7, 8), (0x10000, 1)]:
+        with pytest.raises(BadAddress, match="outside guest memory"):
+            fe.to_gpa(uva, n)
+    with pytest.raises(BadAddress, match="no region"):
+        fe.check_remove(MemoryRegion(0x10000, 1 << 16, UVA, 0))  # same gpa, other address
+    fe.check_remove(a)
+    fe.remove(a)
+    with pytest.raises(BadAddress):
+        fe.to_gpa(UVA + 0x10000, 1)

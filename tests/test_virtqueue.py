@@ -2,35 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
-from vhost_rpmsg.engines import available_engines, queue_factory
 from vhost_rpmsg.guest.ring import need_event
-from vhost_rpmsg.vhost_user.codec import MemoryRegion
-from vhost_rpmsg.virtqueue import (
+from vhost_rpmsg.vhost_user.ring_state import Event
+from vhost_rpmsg.vhost_user.vring import Vring
+from vhost_rpmsg.virtio.constants import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
-    ChainError,
-    QueueBroken,
-    RawBatch,
-    SplitQueue,
-    StaleChain,
 )
+from vhost_rpmsg.virtio.engines import QueueFactory, available_engines, queue_factory
+from vhost_rpmsg.virtio.memory import RegionSpec
+from vhost_rpmsg.virtio.queue import ChainError, Queue, QueueBroken, RawBatch, StaleChain
 
-from .helpers import UVA, Memfd, make_queue
+from .helpers import Memfd, make_queue
 
 MEM = 1 << 16
 BUF = 0x8000  # where test buffers live
 
 
 @pytest.fixture
-def memfd():
+def memfd() -> Iterator[Memfd]:
     m = Memfd(MEM)
     yield m
     m.close()
+
+
+def started_vring(q: Queue) -> Vring:
+    """``q`` in a started, enabled vhost-user ring (as the back-end sets it up)."""
+    vr = Vring(q, lambda vr, change: None)
+    vr.apply(Event.START)
+    assert vr.ready
+    return vr
 
 
 def test_simple_chains_translate_and_copy(memfd: Memfd) -> None:
@@ -165,7 +173,7 @@ def test_malformed_chains_are_reported_not_followed(memfd: Memfd, case: str) -> 
     (c,) = q.pop_batch(4)
     assert c.error is expect
     assert c.returnable is (expect is not ChainError.HEAD_OUT_OF_RANGE)
-    assert q.stats.bad_chains == 1
+    assert q.state.stats.bad_chains == 1
     gm.clear()
 
 
@@ -180,10 +188,14 @@ def test_zero_length_descriptors_are_skipped(memfd: Memfd) -> None:
 
 def test_avail_index_running_ahead_breaks_the_queue(memfd: Memfd) -> None:
     q, drv, gm = make_queue(memfd, size=8)
+    vr = started_vring(q)
     drv.avail[1] = 9  # 9 available in an 8-entry ring: impossible
-    with pytest.raises(QueueBroken):
+    with pytest.raises(QueueBroken) as exc:
         q.pop_batch(4)
-    assert q.broken and not q.ready
+    assert str(exc.value) == "avail idx 9 is 9 ahead of 0"
+    assert (q.state.last_avail_idx, q.state.stats.popped) == (0, 0)  # nothing taken
+    vr.break_(str(exc.value))  # what the device does with it
+    assert vr.broken and not vr.ready
     gm.clear()
 
 
@@ -277,13 +289,13 @@ ENGINES = available_engines()
 
 
 @pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest) -> type[SplitQueue]:
+def engine(request: pytest.FixtureRequest) -> QueueFactory:
     return queue_factory(request.param)
 
 
 def test_chains_from_an_older_memory_table_are_stale(memfd: Memfd,
-                                                     engine: type[SplitQueue]) -> None:
-    q, drv, gm = make_queue(memfd, cls=engine)
+                                                     engine: QueueFactory) -> None:
+    q, drv, gm = make_queue(memfd, engine=engine)
     memfd.mem[BUF : BUF + 4] = list(b"abcd")
     drv.add([(BUF, 4, 0), (BUF + 64, 8, VRING_DESC_F_WRITE)])
     drv.publish()
@@ -291,8 +303,8 @@ def test_chains_from_an_older_memory_table_are_stale(memfd: Memfd,
     assert c.generation == gm.generation
     assert q.read_chain(c) == b"abcd"
     # the front-end replaces the table (same memory, even): the chain's segments are void
-    gm.set_table([MemoryRegion(0, MEM, UVA, 0)], [memfd.fd])
-    q.map(gm)
+    gm.set_table([RegionSpec(0, MEM, 0, memfd.fd)])
+    q.state.map(gm)
     with pytest.raises(StaleChain, match="memory table changed since the chain was taken"):
         q.read_chain(c)
     with pytest.raises(StaleChain):
@@ -307,8 +319,8 @@ def test_chains_from_an_older_memory_table_are_stale(memfd: Memfd,
     gm.clear()
 
 
-def test_negative_offsets_are_refused(memfd: Memfd, engine: type[SplitQueue]) -> None:
-    q, drv, gm = make_queue(memfd, cls=engine)
+def test_negative_offsets_are_refused(memfd: Memfd, engine: QueueFactory) -> None:
+    q, drv, gm = make_queue(memfd, engine=engine)
     drv.add([(BUF, 4, 0), (BUF + 64, 8, VRING_DESC_F_WRITE)])
     drv.publish()
     (c,) = q.pop_batch(1)
@@ -320,8 +332,8 @@ def test_negative_offsets_are_refused(memfd: Memfd, engine: type[SplitQueue]) ->
     gm.clear()
 
 
-def test_raw_batches_and_push_used(memfd: Memfd, engine: type[SplitQueue]) -> None:
-    q, drv, gm = make_queue(memfd, size=16, event_idx=True, cls=engine)
+def test_raw_batches_and_push_used(memfd: Memfd, engine: QueueFactory) -> None:
+    q, drv, gm = make_queue(memfd, size=16, event_idx=True, engine=engine)
     msgs = [bytes([65 + i]) * (16 + 2 * i) for i in range(5)]
     for i, m in enumerate(msgs):
         memfd.mem[BUF + 256 * i : BUF + 256 * i + len(m)] = list(m)
@@ -340,17 +352,17 @@ def test_raw_batches_and_push_used(memfd: Memfd, engine: type[SplitQueue]) -> No
     assert rb.offsets.tolist() == [0, 16, 34, 54, 74, 94, 102]
     assert [rb.payload(i) for i in range(5)] == [m[:20] for m in msgs]
     assert rb.data == b"".join(m[:20] for m in msgs) + bytes(memfd.mem[BUF : BUF + 8])
-    assert q.stats.popped == 7 and q.stats.bad_chains == 1
+    assert q.state.stats.popped == 7 and q.state.stats.bad_chains == 1
     assert q.pop_raw_batch(64, 20).count == 0
     q.push_used(rb.returnable_heads(), 0)
     assert q.need_notify() is True
     assert drv.get_used() == [(h, 0) for h in heads]
-    assert q.stats.pushed == 7
+    assert q.state.stats.pushed == 7
     gm.clear()
 
 
-def test_push_batch_takes_an_array(memfd: Memfd, engine: type[SplitQueue]) -> None:
-    q, drv, gm = make_queue(memfd, size=4, cls=engine)
+def test_push_batch_takes_an_array(memfd: Memfd, engine: QueueFactory) -> None:
+    q, drv, gm = make_queue(memfd, size=4, engine=engine)
     hs = [drv.add([(BUF, 4, 0)]) for _ in range(3)]
     drv.publish()
     q.pop_batch(3)
@@ -358,7 +370,7 @@ def test_push_batch_takes_an_array(memfd: Memfd, engine: type[SplitQueue]) -> No
     assert drv.get_used() == [(hs[0], 5), (hs[1], 6), (hs[2], 7)]
     q.push_batch(np.empty((0, 2), np.uint32))
     q.push_used(np.empty(0, np.uint32), 3)
-    assert q.used_idx == 3 and q.stats.pushed == 3
+    assert q.state.used_idx == 3 and q.state.stats.pushed == 3
     gm.clear()
 
 
@@ -366,7 +378,7 @@ def test_the_reference_raw_pop_needs_no_cffi(memfd: Memfd) -> None:
     """Python-engine semantics on a broken ring: QueueBroken, as pop_batch."""
     q, drv, gm = make_queue(memfd, size=8)
     drv.avail[1] = 9
-    with pytest.raises(QueueBroken, match="avail idx 9 is 9 ahead of 0"):
+    with pytest.raises(QueueBroken, match="avail idx 9 is 9 ahead of 0") as exc:
         q.pop_raw_batch(4, 16)
-    assert q.broken
+    assert str(exc.value) == "avail idx 9 is 9 ahead of 0"
     gm.clear()

@@ -233,9 +233,9 @@ def _server_main(path: str, engine: str, ready: Any, cpu: int | None = None) -> 
     import asyncio
     import signal
 
-    from .engines import queue_factory
     from .rpmsg.device import RpmsgDevice
     from .vhost_user.server import VhostUserServer, listen_unix
+    from .virtio.engines import queue_factory
 
     _pin(cpu)
     sink = Sink(SINK)

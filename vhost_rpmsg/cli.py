@@ -35,7 +35,6 @@ from . import __version__
 from .endpoints.base import Endpoint
 from .endpoints.registry import PluginError, build, options, registry, summary
 from .endpoints.unix import UnixBridge
-from .engines import EngineUnavailable, QueueFactory, queue_factory
 from .qemu import QemuLine
 from .rpmsg import codec as rp
 from .rpmsg.device import RpmsgDevice
@@ -48,6 +47,7 @@ from .vhost_user.server import (
     listen_unix,
     parse_mode,
 )
+from .virtio.engines import EngineUnavailable, QueueFactory, engine_name, queue_factory
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -200,7 +200,7 @@ def serve(
         servers.append(VhostUserServer(device, sock, queue_factory=factory))
     for s, device in zip(servers, devices, strict=True):
         eps = ", ".join(ep.describe() for ep in device.endpoints.values())
-        log.info("%s: engine %s, endpoints: %s", s.name, factory(0, 1).engine, eps)
+        log.info("%s: engine %s, endpoints: %s", s.name, engine_name(factory), eps)
     asyncio.run(_serve_until_signal(servers, devices))
 
 
@@ -358,7 +358,7 @@ def demo(
     lt = LoopThread("vhost-rpmsg-demo").start()
     lt.call(lambda: server.start(lt.loop))
     console.print(f"[bold]vhost-rpmsg {__version__}[/] demo: server on {path} "
-                  f"(engine {factory(0, 1).engine}), simulated Linux guest connecting")
+                  f"(engine {engine_name(factory)}), simulated Linux guest connecting")
     ok = blocked = False
     try:
         if endpoint:
@@ -554,7 +554,7 @@ def bench(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from . import bench as b
-    from .engines import available_engines
+    from .virtio.engines import available_engines
 
     _setup_logging(log_level)
     wanted = [e.strip() for e in engines.split(",") if e.strip()]

@@ -11,36 +11,37 @@ run in order on the device's event loop.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from ..rpmsg.batch import MessageBatch
-    from ..rpmsg.device import RpmsgDevice
 
 
-class Port:
-    """What an endpoint may do with the device: send from its own address."""
+class Port(Protocol):
+    """What an endpoint may do with the device: send from its own address ``src``.
 
-    def __init__(self, device: RpmsgDevice, src: int) -> None:
-        self.device = device
-        self.src = src
+    The device hands each endpoint one when it registers it (:meth:`Endpoint.bind`).
+    """
+
+    src: int
 
     def send(self, dst: int, data: bytes) -> None:
         """Queue-or-send without waiting; raises WouldBlock when the outbox is full."""
-        self.device.send_nowait(self.src, dst, data)
+        ...
 
     def send_many(self, messages: list[tuple[int, bytes]]) -> None:
         """Several (dst, payload) messages in one pass over the ring; WouldBlock (all or
         nothing) when they do not fit the outbox."""
-        self.device.send_many(self.src, messages)
+        ...
 
     async def asend(self, dst: int, data: bytes) -> None:
         """Send, waiting (asynchronously) for room when the guest is not reading."""
-        await self.device.asend(self.src, dst, data)
+        ...
 
     @property
     def guest_ready(self) -> bool:
-        return self.device.guest_ready
+        """Whether a guest session is on (its rx ring is usable)."""
+        ...
 
 
 class Endpoint:

@@ -53,6 +53,7 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..rpmsg import codec as rp
+from ..virtio.constants import VIRTIO_RPMSG_F_NS
 from .ring import DriverRing
 
 if TYPE_CHECKING:
@@ -72,7 +73,6 @@ __all__ = ["IMPORT_ERROR", "FastPathUnavailable", "GuestFastPath", "available", 
 log = logging.getLogger(__package__ + ".rpmsg_guest")
 
 RX, TX = 0, 1  # SimGuest's queue indices
-VIRTIO_RPMSG_F_NS = 0
 RX_CAP = 1024  # most used entries one C rx drain takes (the Linux driver posts <= 256)
 # Fewer used entries than this are drained by the Python loop: below it the fixed cost
 # of a C drain (binding, bulk bookkeeping) exceeds the Python per-message cost, and

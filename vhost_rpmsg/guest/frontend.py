@@ -20,22 +20,20 @@ from ..vhost_user.codec import MemoryRegion, VringAddr
 from ..vhost_user.protocol import (
     FLAG_REPLY,
     HEADER_SIZE,
-    STATUS_ACKNOWLEDGE,
-    STATUS_DRIVER,
-    STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK,
+    REPLY_BODY,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ProtocolFeature,
     Request,
 )
+from ..virtio.constants import (
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+)
 
 # QEMU maps guest RAM somewhere in its own address space; any plausible base will do.
 FAKE_UVA_BASE = 0x7F00_0000_0000
-
-_GET_REPLIES = {
-    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_VRING_BASE,
-    Request.GET_QUEUE_NUM, Request.GET_CONFIG, Request.GET_MAX_MEM_SLOTS, Request.GET_STATUS,
-}
 
 
 class FrontendError(Exception):
@@ -131,9 +129,9 @@ class Frontend:
                 need_reply: bool = False) -> bytes | None:
         """Send a request; wait for the body or the REPLY_ACK where one is due."""
         reply_ack = bool(self.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
-        want_ack = need_reply and reply_ack and request not in _GET_REPLIES
+        want_ack = need_reply and reply_ack and request not in REPLY_BODY
         self.send(request, payload, fds, need_reply=want_ack)
-        if request in _GET_REPLIES:
+        if request in REPLY_BODY:
             return self.recv_reply(request)
         if want_ack:
             status = int.from_bytes(self.recv_reply(request), "little")

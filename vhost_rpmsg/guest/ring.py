@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..virtqueue import (
+from ..virtio.constants import (
     DESC_SIZE,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_NEXT,
     VRING_USED_F_NO_NOTIFY,
-    full_fence,
 )
+from ..virtio.queue_python import full_fence
 
 
 def need_event(event: int, new: int, old: int) -> bool:

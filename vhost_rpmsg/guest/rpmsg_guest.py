@@ -21,20 +21,19 @@ from dataclasses import dataclass, field
 
 from ..rpmsg import codec as rp
 from ..vhost_user import codec as vuc
-from ..vhost_user.protocol import (
+from ..vhost_user.protocol import ProtocolFeature, Request
+from ..virtio.constants import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
-    ProtocolFeature,
-    Request,
+    VIRTIO_RPMSG_F_NS,
+    VRING_DESC_F_WRITE,
 )
-from ..virtqueue import VRING_DESC_F_WRITE
 from . import fastpath
 from .frontend import Frontend, GuestRam, QueueSetup
 from .ring import DriverRing, RingLayout
 
 log = logging.getLogger(__name__)
 
-VIRTIO_RPMSG_F_NS = 0
 RX, TX = 0, 1
 MAX_BUFS = 512
 TX_TIMEOUT = 15.0  # what the Linux driver waits for a tx buffer before failing

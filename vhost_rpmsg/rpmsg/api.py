@@ -18,17 +18,11 @@ from typing import Any
 import numpy as np
 
 from ..endpoints.base import Endpoint
-from ..virtqueue import Chain
+from ..vhost_user.vring import Vring
+from ..virtio.queue import Chain, QueueBroken
 from . import codec as rp
-from .device import (
-    MAX_READ,
-    TO_GUEST,
-    TO_HOST,
-    PayloadTooLarge,
-    RpmsgDevice,
-    RpmsgError,
-    WouldBlock,
-)
+from .device import MAX_READ, TO_GUEST, TO_HOST, RpmsgDevice
+from .errors import PayloadTooLarge, RpmsgError, WouldBlock
 
 #: kernel names of the two queues
 VIRTIO_RPMSG_RESPONSE = TO_GUEST
@@ -48,15 +42,20 @@ class RpmsgIter:
     qid: int = -1
     priv: Any = None
     ept: EptEntry | None = None
-    _chain: Chain | None = None  # RESPONSE: the rx buffer being filled
-    _head: int | None = None  # REQUEST: the guest's buffer, already copied out
-    _pos: int = 0
-    _data: bytes | None = None  # a message already copied out of the ring
-    _held: list[Any] = field(default_factory=list)
+    #: RESPONSE: the rx buffer being filled
+    chain: Chain | None = None
+    #: REQUEST: the guest's buffer, already copied out
+    head: int | None = None
+    #: bytes copied so far
+    pos: int = 0
+    #: a message already copied out of the ring
+    data: bytes | None = None
+    #: the locks held between start_lock and finish_unlock
+    held: list[Any] = field(default_factory=list)
 
     @property
     def remaining(self) -> int:
-        return self.len - self._pos
+        return self.len - self.pos
 
 
 def VHOST_RPMSG_ITER(src: int, dst: int) -> RpmsgIter:
@@ -141,7 +140,7 @@ class VhostRpmsg:
         if dst is not None:
             it.dst = dst
         it.qid = qid
-        it._pos = 0
+        it.pos = 0
         if qid == TO_GUEST:
             if not 0 <= length <= rp.MAX_PAYLOAD:
                 raise PayloadTooLarge(f"message of {length} bytes; the guest takes at most "
@@ -155,20 +154,27 @@ class VhostRpmsg:
         return it
 
     def _take(self, it: RpmsgIter, timeout: float | None,
-              attempt: Callable[[RpmsgIter], bool]) -> None:
+              attempt: Callable[[RpmsgIter, Vring], bool]) -> None:
         dev = self.device
         deadline = None if timeout is None else time.monotonic() + timeout
-        cond = dev._cond
+        cond = dev.lock
         cond.acquire()
         try:
             while True:
-                q = dev.queues[it.qid] if dev.queues else None
-                if q is not None and q.ready:
-                    q.lock.acquire()
-                    if attempt(it):
-                        it._held = [q.lock, cond]
+                vr = dev.vrings[it.qid] if dev.vrings else None
+                if vr is not None and vr.ready:
+                    lock = vr.queue.state.lock
+                    lock.acquire()
+                    try:
+                        ok = attempt(it, vr)
+                    except QueueBroken as e:
+                        lock.release()
+                        vr.break_(str(e))
+                        raise
+                    if ok:
+                        it.held = [lock, cond]
                         return
-                    q.lock.release()
+                    lock.release()
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise WouldBlock(f"no buffer on queue {it.qid}")
@@ -177,11 +183,11 @@ class VhostRpmsg:
             cond.release()
             raise
 
-    def _try_response(self, it: RpmsgIter) -> bool:
+    def _try_response(self, it: RpmsgIter, vr: Vring) -> bool:
         dev = self.device
-        q = dev.queues[TO_GUEST]
+        q = vr.queue
         dev.flush()  # queued messages go first
-        if dev._outbox or not dev.guest_ready:
+        if dev.queued or not dev.guest_ready:
             return False
         while True:
             chains = q.pop_batch(1)
@@ -192,79 +198,80 @@ class VhostRpmsg:
             c = chains[0]
             # Header plus a zeroed payload: copy() overwrites it, and nothing stale survives.
             blank = rp.encode_header(it.src, it.dst, it.len) + bytes(it.len)
-            if dev._fill(q, c, blank) is None:
+            if dev.write_rx(q, c, blank) is None:
                 if c.returnable:
                     q.push_batch([(c.head, 0)])
-                    q.notify()
+                    vr.notify()
                 continue
-            it._chain = c
+            it.chain = c
             return True
 
-    def _try_request(self, it: RpmsgIter) -> bool:
+    def _try_request(self, it: RpmsgIter, vr: Vring) -> bool:
         dev = self.device
-        q = dev.queues[TO_HOST]
+        q = vr.queue
         while True:
             rb = q.pop_raw_batch(1, MAX_READ)
             if not rb.count:
                 if q.enable_kicks():
                     continue
                 return False
-            parsed = dev._parse(rb)  # counts and logs a bad chain or message
+            parsed = dev.parse(rb, q)  # counts and logs a bad chain or message
             if not parsed.runs:
                 if rb.nunreturnable == 0:
                     q.push_used(rb.heads, 0)
-                    q.notify()
+                    vr.notify()
                 continue
             run = parsed.runs[0]
             it.src, it.dst, it.len = int(run.srcs[0]), run.dst, int(run.lengths[0])
-            it._head = int(rb.heads[0])
-            it._data = run.payload(0)
+            it.head = int(rb.heads[0])
+            it.data = run.payload(0)
             return True
 
     def copy(self, it: RpmsgIter, data: bytes | int) -> bytes | int:
         """``vhost_rpmsg_copy``: RESPONSE: copy ``data`` in, return bytes copied (capped at
         the declared length).  REQUEST: ``data`` is a size; return up to that many bytes."""
-        if it.qid == TO_HOST or (it._data is not None and it._chain is None):
-            assert it._data is not None
+        if it.qid == TO_HOST or (it.data is not None and it.chain is None):
+            assert it.data is not None
             size = int(data) if isinstance(data, int) else len(data)
-            out = it._data[it._pos : it._pos + size]
-            it._pos += len(out)
+            out = it.data[it.pos : it.pos + size]
+            it.pos += len(out)
             return out
-        if it._chain is None or not it._held:
+        if it.chain is None or not it.held:
             raise RpmsgError("copy() on an iterator that is not started")
         if isinstance(data, int):
             raise TypeError("copy() on the RESPONSE queue takes the bytes to send")
         chunk = bytes(data[: it.remaining])
-        q = self.device.queues[TO_GUEST]
-        n = q.write_chain(it._chain, chunk, rp.HDR_SIZE + it._pos)
-        it._pos += n
+        q = self.device.vrings[TO_GUEST].queue
+        n = q.write_chain(it.chain, chunk, rp.HDR_SIZE + it.pos)
+        it.pos += n
         return n
 
     def finish_unlock(self, it: RpmsgIter) -> int:
         """``vhost_rpmsg_finish_unlock``: return the buffer, notify the guest, unlock.
 
         Returns the bytes of the message not copied (0 when complete)."""
-        if not it._held or (it._chain is None and it._head is None):
+        if not it.held or (it.chain is None and it.head is None):
             raise RpmsgError("finish_unlock() on an iterator that is not started")
-        q = self.device.queues[it.qid]
+        vr = self.device.vrings[it.qid]
+        q = vr.queue
         left = it.remaining
         try:
             if it.qid == TO_GUEST:
-                assert it._chain is not None
+                assert it.chain is not None
                 # A short copy still delivers the declared length (zero-filled at start),
                 # so the guest never sees a header claiming bytes that are not there.
-                q.push_batch([(it._chain.head, rp.HDR_SIZE + it.len)])
+                q.push_batch([(it.chain.head, rp.HDR_SIZE + it.len)])
                 self.device.stats["to_guest_messages"] += 1
             else:
-                q.push_used(np.array([it._head], np.uint32), 0)
+                q.push_used(np.array([it.head], np.uint32), 0)
                 self.device.stats["to_host_messages"] += 1
-            q.notify()
+            vr.notify()
         finally:
-            it._chain = None
-            it._head = None
-            for lock in it._held:
+            it.chain = None
+            it.head = None
+            for lock in it.held:
                 lock.release()
-            it._held = []
+            it.held = []
         return left
 
     # -- Pythonic forms -------------------------------------------------------------------
@@ -277,7 +284,7 @@ class VhostRpmsg:
         try:
             yield it
         finally:
-            if it._held:
+            if it.held:
                 self.finish_unlock(it)
 
     def send(self, src: int, dst: int, data: bytes, timeout: float | None = None) -> None:

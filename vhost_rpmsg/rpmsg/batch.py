@@ -1,25 +1,28 @@
 """Guest messages as arrays: parsing a raw chain batch without an object per message.
 
-The engines hand the device a :class:`~vhost_rpmsg.virtqueue.RawBatch` (every chain's
+The engines hand the device a :class:`~vhost_rpmsg.virtio.queue.RawBatch` (every chain's
 bytes in one buffer); :func:`parse` checks and splits the rpmsg headers, vectorised for
-large batches, and :class:`MessageBatch` is what endpoints receive: one buffer, the
-payload offsets and lengths, the senders.
+large batches over the header array the queue engine cuts out (``Queue.split_headers``:
+one C call on the cffi engine, numpy on the Python one), and :class:`MessageBatch` is
+what endpoints receive: one buffer, the payload offsets and lengths, the senders.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..virtqueue import RawBatch
+from ..virtio.queue import RawBatch
+from ..virtio.queue_python import split_headers as numpy_split_headers
 from . import codec as rp
 
 _HDR_DTYPE = np.dtype([("src", "<u4"), ("dst", "<u4"), ("reserved", "<u4"), ("len", "<u2"),
                        ("flags", "<u2")])
-_HDR_INDEX = np.arange(rp.HDR_SIZE, dtype=np.int64)
+#: ``Queue.split_headers``: the first n bytes of every chain, as a (count, n) uint8 array
+SplitHeaders = Callable[[RawBatch, int], np.ndarray]
 VECTOR_MIN = 16  # below this many messages, plain struct unpacking is cheaper
 
 
@@ -72,19 +75,17 @@ class Parsed:
     bad_messages: list[tuple[int, str]]  # (chain index, why) for unparseable messages
 
 
-def parse(rb: RawBatch, native: bool = False) -> Parsed:
+def parse(rb: RawBatch, split_headers: SplitHeaders = numpy_split_headers) -> Parsed:
     """Split ``rb`` into per-destination runs of valid messages, in ring order.
 
-    Small batches use struct; large ones C (``native``, the cffi engine's path) or numpy.
-    All three give the same result.
+    Small batches use struct; large ones the engine's ``split_headers`` and numpy.  Both
+    give the same result.
     """
     bad_chains: list[int] = []
-    skip = None
     if rb.nbad or rb.nwritable:
         ok = (rb.errors == 0) & ~rb.has_writable
         bad_chains = np.flatnonzero(~ok).tolist()
         idx = np.flatnonzero(ok)
-        skip = ~ok
     else:
         idx = None  # all good
     n = rb.count - len(bad_chains)
@@ -92,17 +93,13 @@ def parse(rb: RawBatch, native: bool = False) -> Parsed:
         return Parsed([], bad_chains, [])
     if n < VECTOR_MIN:  # setting up arrays costs more than a few struct unpacks
         return _parse_small(rb, idx, bad_chains)
-    if native:
-        return _parse_native(rb, skip, bad_chains)
-    offsets = rb.offsets if idx is None else rb.offsets[idx]
-    lengths = rb.lengths if idx is None else rb.lengths[idx]
+    headers = split_headers(rb, rp.HDR_SIZE)
+    offsets, lengths = rb.offsets, rb.lengths
+    if idx is not None:
+        headers, offsets, lengths = headers[idx], offsets[idx], lengths[idx]
     chain_ids = np.arange(rb.count) if idx is None else idx
+    hdr = np.ascontiguousarray(headers).view(_HDR_DTYPE)[:, 0]
     short = lengths < rp.HDR_SIZE
-    buf = np.frombuffer(rb.data, np.uint8)
-    safe = np.where(short, 0, offsets)  # never index past the buffer for short chains
-    if len(buf) < rp.HDR_SIZE:
-        buf = np.zeros(rp.HDR_SIZE, np.uint8)
-    hdr = buf[safe[:, None] + _HDR_INDEX].view(_HDR_DTYPE)[:, 0]
     plen = hdr["len"].astype(np.int64)
     too_long = ~short & (plen > lengths - rp.HDR_SIZE)
     bad = short | too_long
@@ -140,39 +137,6 @@ def _short_why(n: int) -> str:
 def _long_why(declared: int, n: int) -> str:
     """Why an ``n``-byte message is refused when its header claims ``declared`` bytes."""
     return f"header says {declared} payload bytes, buffer holds {n - rp.HDR_SIZE}"
-
-
-def _why(rb: RawBatch, i: int, short: bool) -> str:
-    n = int(rb.lengths[i])
-    if short:
-        return _short_why(n)
-    o = int(rb.offsets[i])
-    return _long_why(int.from_bytes(rb.data[o + 12 : o + 14], "little"), n)
-
-
-def _parse_native(rb: RawBatch, skip: np.ndarray | None, bad_chains: list[int]) -> Parsed:
-    from _vhost_rpmsg_vring import ffi, lib
-
-    n = rb.count
-    out = np.empty(6 * n + 2, np.int64)
-    good = lib.vr_rpmsg_split(
-        ffi.from_buffer(rb.data), len(rb.data),
-        ffi.from_buffer("int64_t[]", rb.offsets), ffi.from_buffer("int64_t[]", rb.lengths),
-        ffi.from_buffer("uint8_t[]", skip.view(np.uint8)) if skip is not None else ffi.NULL,
-        n, ffi.from_buffer("int64_t[]", out))
-    if good < 0:
-        raise ValueError("raw batch offsets and lengths do not fit its data")
-    nbad = int(out[6 * n])
-    bad_messages = [(i, _why(rb, i, w == lib.VR_MSG_SHORT))
-                    for i, w in zip(out[4 * n : 4 * n + nbad].tolist(),
-                                    out[5 * n : 5 * n + nbad].tolist(), strict=True)]
-    srcs, dsts = out[:good], out[n : n + good]
-    starts, plen = out[2 * n : 2 * n + good], out[3 * n : 3 * n + good]
-    if good and out[6 * n + 1]:  # one destination: one run, no scan needed
-        runs = [MessageBatch(rb.data, int(dsts[0]), srcs, starts, plen)]
-    else:
-        runs = _runs(rb.data, srcs, dsts, starts, plen)
-    return Parsed(runs, bad_chains, bad_messages)
 
 
 def _parse_small(rb: RawBatch, idx: np.ndarray | None, bad_chains: list[int]) -> Parsed:

@@ -1,10 +1,15 @@
 """Device-agnostic vhost-user back-end state machine.
 
 :class:`VhostUserBackend` takes decoded :class:`~.codec.Message` objects and returns
-the bytes to send back (if any).  It owns guest memory and the virtqueues, drives the
-ring states (stopped / started-disabled / started-enabled) and calls the device.  It
-does no socket I/O: the server feeds it, and the event loop it is given only watches
-kick eventfds.
+the bytes to send back (if any).  It owns guest memory and the rings (:class:`~.vring.Vring`),
+moves the rings between their states (:mod:`.ring_state`) and calls the device.  It
+is the protocol edge: front-end regions become :class:`~vhost_rpmsg.virtio.memory.RegionSpec`
+and ring front-end virtual addresses guest-physical ones before anything below sees
+them.  It does no socket I/O: the server feeds it, and the event loop it is given only
+watches kick eventfds.
+
+Spec rules are quoted where they are enforced ("the spec" is QEMU's
+docs/interop/vhost-user.rst).
 """
 
 from __future__ import annotations
@@ -15,50 +20,33 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from ..memory import BadAddress, GuestMemory
-from ..virtqueue import QueueBroken, SplitQueue
+from ..virtio.constants import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from ..virtio.engines import QueueFactory
+from ..virtio.memory import BadAddress, GuestMemory, RegionSpec
+from ..virtio.queue import QueueBroken, QueueState, check_ring_alignment
+from ..virtio.queue_python import PythonQueue
 from . import codec
-from .codec import Message, PayloadError
+from .addresses import FrontEndAddresses
+from .codec import MemoryRegion, Message, PayloadError
 from .device import EventLoop, VirtioDevice
 from .protocol import (
+    IMPLEMENTED_PROTOCOL_FEATURES,
     MAX_MEM_SLOTS,
-    STATUS_DRIVER_OK,
+    REPLY_BODY,
     VHOST_USER_F_PROTOCOL_FEATURES,
-    VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
     ProtocolFeature,
     Request,
 )
+from .ring_state import Change, Event
+from .vring import Vring, close_quietly
 
 log = logging.getLogger(__name__)
-
-# CONFIG is not offered: an rpmsg device has no config space, and QEMU's generic device
-# warns when a back-end offers it.  GET_CONFIG/SET_CONFIG are still answered.
-DEFAULT_PROTOCOL_FEATURES = (
-    (1 << ProtocolFeature.MQ)
-    | (1 << ProtocolFeature.REPLY_ACK)
-    | (1 << ProtocolFeature.RESET_DEVICE)
-    | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
-    | (1 << ProtocolFeature.STATUS)
-)
 
 POLL_INTERVAL = 0.005  # seconds between ring polls for a queue without a kick fd
 
 
 class RequestFailed(Exception):
     """A request was understood but cannot be carried out; the front-end hears a failure."""
-
-
-# Requests whose reply carries a body; every other reply is a REPLY_ACK u64.
-_REPLY_BODY = {
-    Request.GET_FEATURES,
-    Request.GET_PROTOCOL_FEATURES,
-    Request.GET_VRING_BASE,
-    Request.GET_QUEUE_NUM,
-    Request.GET_CONFIG,
-    Request.GET_MAX_MEM_SLOTS,
-    Request.GET_STATUS,
-}
 
 
 class VhostUserBackend:
@@ -69,14 +57,18 @@ class VhostUserBackend:
         device: VirtioDevice,
         loop: EventLoop,
         *,
-        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
-        queue_factory: Callable[[int, int], SplitQueue] = SplitQueue,
+        protocol_features: int | None = None,
+        queue_factory: QueueFactory = PythonQueue,
     ) -> None:
         self.device = device
         self.loop = loop
-        self.offered_protocol_features = protocol_features
+        if protocol_features is None:
+            protocol_features = device.protocol_features()
+        self.offered_protocol_features = protocol_features & IMPLEMENTED_PROTOCOL_FEATURES
         self.memory = GuestMemory(MAX_MEM_SLOTS)
-        self.queues = [queue_factory(i, device.max_queue_size) for i in range(device.num_queues)]
+        self.addresses = FrontEndAddresses()
+        self.vrings = [Vring(queue_factory(QueueState(i, device.max_queue_size)),
+                             self._ring_changed) for i in range(device.num_queues)]
         self.errors: Counter[str] = Counter()
         self.handled: Counter[str] = Counter()
         self.acked_features = 0
@@ -88,7 +80,7 @@ class VhostUserBackend:
         self._watched: dict[int, int] = {}  # queue index -> kick fd watched
         self._pollers: dict[int, Any] = {}
         self._kept: set[int] = set()
-        device.attach(self.queues, loop)
+        device.attach(self.vrings, loop)
         self._handlers: dict[int, Callable[[Message], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -131,7 +123,7 @@ class VhostUserBackend:
         handler = self._handlers.get(msg.request)
         if msg.is_reply or handler is None:
             for fd in msg.fds:
-                _close_quietly(fd)
+                close_quietly(fd)
             if msg.is_reply:
                 return self._fail(msg, "a reply sent as a request", "bad_flags")
             return self._fail(msg, "request not supported", "unsupported")
@@ -148,7 +140,7 @@ class VhostUserBackend:
             # Every fd that came with the message is ours to close unless a handler kept it.
             for fd in msg.fds:
                 if fd not in self._kept:
-                    _close_quietly(fd)
+                    close_quietly(fd)
         if body is not None:
             return codec.encode(msg.request, body, reply=True)
         return self._ack(msg, 0)
@@ -182,7 +174,7 @@ class VhostUserBackend:
         self.errors[kind] += 1
         log.error("vhost-user %s (flags 0x%x, %d bytes, %d fds): %s",
                   msg.name, msg.flags, len(msg.payload), len(msg.fds), why)
-        if msg.request in _REPLY_BODY:
+        if msg.request in REPLY_BODY:
             # The front-end waits for a body; answer so it does not hang, in the form
             # the spec gives for failure where it gives one (GET_CONFIG: empty).
             body = b"" if msg.request == Request.GET_CONFIG else codec.encode_u64(0)
@@ -207,9 +199,9 @@ class VhostUserBackend:
         self.acked_features = features
         if features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             self.protocol_negotiated = True
-        for q in self.queues:
-            q.event_idx = bool(features & (1 << VIRTIO_RING_F_EVENT_IDX))
-            q.indirect = bool(features & (1 << VIRTIO_RING_F_INDIRECT_DESC))
+        for vr in self.vrings:
+            vr.queue.state.event_idx = bool(features & (1 << VIRTIO_RING_F_EVENT_IDX))
+            vr.queue.state.indirect = bool(features & (1 << VIRTIO_RING_F_INDIRECT_DESC))
         self.device.features_acked(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
 
     def _get_protocol_features(self, msg: Message) -> bytes:
@@ -238,7 +230,7 @@ class VhostUserBackend:
         self.device.reset()
 
     def _get_queue_num(self, msg: Message) -> bytes:
-        return codec.encode_u64(len(self.queues))
+        return codec.encode_u64(len(self.vrings))
 
     def _get_max_mem_slots(self, msg: Message) -> bytes:
         return codec.encode_u64(self.memory.max_regions)
@@ -247,19 +239,14 @@ class VhostUserBackend:
         status = codec.parse_u64(msg)
         if status > 0xFF:
             raise RequestFailed(f"status 0x{status:x} has bits beyond the status byte")
-        was = self.status
         self.status = status
         self.device.status_changed(status)
-        if status & STATUS_DRIVER_OK and not was & STATUS_DRIVER_OK:
-            for q in self.queues:
-                if q.ready:
-                    self._safe(self.device.queue_started, q)
 
     def _get_status(self, msg: Message) -> bytes:
         return codec.encode_u64(self.status)
 
     def _set_backend_req_fd(self, msg: Message) -> None:
-        _close_quietly(self.backend_req_fd)
+        close_quietly(self.backend_req_fd)
         self.backend_req_fd = self._keep(msg.fds[0])
 
     def _get_config(self, msg: Message) -> bytes:
@@ -279,148 +266,166 @@ class VhostUserBackend:
         regions = codec.parse_mem_table(msg)
         if len(msg.fds) != len(regions):
             raise PayloadError(f"{msg.name}: {len(regions)} regions, {len(msg.fds)} fds")
-        self.memory.set_table(regions, list(msg.fds))
-        self._remap_queues()
+        self.memory.set_table([_spec(r, fd) for r, fd in zip(regions, msg.fds, strict=True)])
+        self.addresses.set_table(regions)
+        self._remap_rings()
 
     def _add_mem_reg(self, msg: Message) -> None:
-        self.memory.add(codec.parse_single_region(msg), msg.fds[0])
-        self._remap_queues()
+        region = codec.parse_single_region(msg)
+        self.memory.add(_spec(region, msg.fds[0]))
+        self.addresses.add(region)
+        self._remap_rings()
 
     def _rem_mem_reg(self, msg: Message) -> None:
         # An fd may come along; it carries no meaning here and is closed with the rest.
-        self.memory.remove(codec.parse_single_region(msg))
-        self._remap_queues()
+        region = codec.parse_single_region(msg)
+        self.addresses.check_remove(region)
+        self.memory.remove(region.guest_phys_addr, region.memory_size)
+        self.addresses.remove(region)
+        self._remap_rings()
 
-    def _remap_queues(self) -> None:
+    def _remap_rings(self) -> None:
         """Ring views point into the old mappings; translate them again."""
-        for q in self.queues:
-            if not q.started:
-                q.unmap()
+        for vr in self.vrings:
+            if not vr.ring.started:
+                vr.queue.state.unmap()
                 continue
             try:
-                q.map(self.memory)
-            except (BadAddress, ValueError) as e:
+                self._map(vr)
+            except (BadAddress, ValueError, RequestFailed) as e:
                 self.errors["ring_unmapped"] += 1
-                log.error("queue %d: rings no longer in guest memory: %s", q.index, e)
-                self._stop(q)
+                log.error("queue %d: rings no longer in guest memory: %s", vr.index, e)
+                self._stop(vr)
 
     # -- rings ----------------------------------------------------------------------------
 
-    def _queue(self, index: int) -> SplitQueue:
-        if not 0 <= index < len(self.queues):
-            raise RequestFailed(f"queue index {index} out of range (0..{len(self.queues) - 1})")
-        return self.queues[index]
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise RequestFailed(f"queue index {index} out of range (0..{len(self.vrings) - 1})")
+        return self.vrings[index]
 
     def _set_vring_num(self, msg: Message) -> None:
         st = codec.parse_vring_state(msg)
-        self._queue(st.index).set_size(st.num)
+        self._vring(st.index).queue.state.set_size(st.num)
 
     def _set_vring_addr(self, msg: Message) -> None:
         addr = codec.parse_vring_addr(msg)
-        q = self._queue(addr.index)
-        q.set_addresses(addr.desc, addr.avail, addr.used)
-        if q.started:
+        vr = self._vring(addr.index)
+        # Front-end virtual addresses, kept as such until the ring is mapped.
+        check_ring_alignment(addr.desc, addr.avail, addr.used)
+        self.addresses.set_ring(addr.index, (addr.desc, addr.avail, addr.used))
+        if vr.ring.started:
             try:
-                q.map(self.memory)
+                self._map(vr)
             except BadAddress as e:
-                self._stop(q)
+                self._stop(vr)
                 raise RequestFailed(str(e)) from e
+
+    def _map(self, vr: Vring) -> None:
+        """Translate the ring's front-end addresses to guest-physical ones and map it."""
+        q = vr.queue.state
+        va = self.addresses.ring(vr.index)
+        if va is None or not q.size:
+            raise RequestFailed(f"queue {vr.index} kicked before its size and addresses were set")
+        n = q.size
+        desc, avail, used = (self.addresses.to_gpa(a, length) for a, length in
+                             ((va[0], 16 * n), (va[1], 6 + 2 * n), (va[2], 6 + 8 * n)))
+        q.set_addresses(desc, avail, used)
+        q.map(self.memory)
 
     def _set_vring_base(self, msg: Message) -> None:
         st = codec.parse_vring_state(msg)
-        q = self._queue(st.index)
+        vr = self._vring(st.index)
         if st.num > 0xFFFF:
             raise RequestFailed(f"vring base {st.num} does not fit a 16-bit index")
-        q.set_base(st.num)
+        vr.queue.state.set_base(st.num)
 
     def _get_vring_base(self, msg: Message) -> bytes:
         st = codec.parse_vring_state(msg)
-        q = self._queue(st.index)
-        self._stop(q)
+        vr = self._vring(st.index)
+        # "stop ring upon receiving VHOST_USER_GET_VRING_BASE" (Ring states)
+        self._stop(vr)
         # The kick fd goes with the stopped ring; the next start brings a new one.
-        _close_quietly(q.kick_fd)
-        q.kick_fd = None
-        return codec.encode_vring_state(st.index, q.last_avail_idx)
+        vr.set_kick(None)
+        return codec.encode_vring_state(st.index, vr.queue.state.last_avail_idx)
 
     def _set_vring_kick(self, msg: Message) -> None:
         vf = codec.parse_vring_file(msg)
-        q = self._queue(vf.index)
-        self._unwatch(q)
-        _close_quietly(q.kick_fd)
-        q.kick_fd = None if vf.no_fd else self._keep(msg.fds[0])
-        self._start(q)
+        vr = self._vring(vf.index)
+        self._unwatch(vr)
+        vr.set_kick(None if vf.no_fd else self._keep(msg.fds[0]))
+        self._start(vr)
 
     def _set_vring_call(self, msg: Message) -> None:
         vf = codec.parse_vring_file(msg)
-        q = self._queue(vf.index)
-        _close_quietly(q.call_fd)
-        q.call_fd = None if vf.no_fd else self._keep(msg.fds[0])
+        self._vring(vf.index).set_call(None if vf.no_fd else self._keep(msg.fds[0]))
 
     def _set_vring_err(self, msg: Message) -> None:
         vf = codec.parse_vring_file(msg)
-        q = self._queue(vf.index)
-        _close_quietly(q.err_fd)
-        q.err_fd = None if vf.no_fd else self._keep(msg.fds[0])
+        self._vring(vf.index).set_err(None if vf.no_fd else self._keep(msg.fds[0]))
 
     def _set_vring_enable(self, msg: Message) -> None:
         st = codec.parse_vring_state(msg)
-        q = self._queue(st.index)
+        vr = self._vring(st.index)
+        # "This request should be sent only when VHOST_USER_F_PROTOCOL_FEATURES has
+        # been negotiated." (SET_VRING_ENABLE)
+        if not self.protocol_negotiated:
+            raise RequestFailed("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES "
+                                "negotiated")
         if st.num not in (0, 1):
             raise RequestFailed(f"SET_VRING_ENABLE with {st.num}")
-        was_ready = q.ready
-        q.enabled = bool(st.num)
-        if was_ready and not q.ready:
-            self.device.queue_stopped(q)
-        elif q.ready and not was_ready:
-            self._safe(self.device.queue_started, q)
+        vr.apply(Event.ENABLE if st.num else Event.DISABLE,
+                 protocol_features=self.protocol_negotiated)
 
-    def _start(self, q: SplitQueue) -> None:
-        """SET_VRING_KICK: the ring starts (disabled if protocol features were negotiated)."""
-        if not q.size or not q.addr_set:
-            raise RequestFailed(f"queue {q.index} kicked before its size and addresses were set")
-        q.map(self.memory)
-        was_ready = q.ready
-        q.started = True
-        q.broken = None
-        if not self.protocol_negotiated:
-            q.enabled = True
-        self._watch(q)
-        if q.ready and not was_ready:
-            self._safe(self.device.queue_started, q)
+    def _start(self, vr: Vring) -> None:
+        """SET_VRING_KICK: the ring starts (disabled if protocol features were negotiated).
 
-    def _stop(self, q: SplitQueue) -> None:
-        """Stop a ring (GET_VRING_BASE); the device hears of it even if it was disabled."""
-        was_started = q.started
-        q.started = False
-        self._unwatch(q)
-        if was_started:
-            self._safe(self.device.queue_stopped, q)
+        "The back-end will start the ring upon receiving a kick (that is, detecting that
+        file descriptor is readable) on the descriptor specified by
+        VHOST_USER_SET_VRING_KICK" (Ring states): we start it on the message itself, as
+        the front-end has finished setting it up by then.
+        """
+        self._map(vr)
+        self._watch(vr)
+        vr.apply(Event.START, protocol_features=self.protocol_negotiated)
 
-    def _watch(self, q: SplitQueue) -> None:
-        if q.kick_fd is not None:
-            self.loop.add_reader(q.kick_fd, self._on_kick, q)
-            self._watched[q.index] = q.kick_fd
+    def _stop(self, vr: Vring) -> None:
+        """Stop a ring; the device hears of it even if it was disabled."""
+        self._unwatch(vr)
+        vr.apply(Event.STOP, protocol_features=self.protocol_negotiated)
+
+    def _ring_changed(self, vr: Vring, change: Change) -> None:
+        """A ring's state changed: the device hears it exactly once."""
+        if change is Change.READY:
+            self._safe(self.device.queue_started, vr)
         else:
-            log.info("queue %d has no kick fd; polling every %.0f ms", q.index,
-                     POLL_INTERVAL * 1000)
-            self._pollers[q.index] = self.loop.call_later(POLL_INTERVAL, self._poll, q)
+            self._safe(self.device.queue_stopped, vr)
 
-    def _unwatch(self, q: SplitQueue) -> None:
-        fd = self._watched.pop(q.index, None)
+    def _watch(self, vr: Vring) -> None:
+        if vr.kick_fd is not None:
+            self.loop.add_reader(vr.kick_fd, self._on_kick, vr)
+            self._watched[vr.index] = vr.kick_fd
+        else:
+            log.info("queue %d has no kick fd; polling every %.0f ms", vr.index,
+                     POLL_INTERVAL * 1000)
+            self._pollers[vr.index] = self.loop.call_later(POLL_INTERVAL, self._poll, vr)
+
+    def _unwatch(self, vr: Vring) -> None:
+        fd = self._watched.pop(vr.index, None)
         if fd is not None:
             self.loop.remove_reader(fd)
-        poller = self._pollers.pop(q.index, None)
+        poller = self._pollers.pop(vr.index, None)
         if poller is not None:
             poller.cancel()
 
-    def _poll(self, q: SplitQueue) -> None:
-        if q.index in self._pollers:
-            self._pollers[q.index] = self.loop.call_later(POLL_INTERVAL, self._poll, q)
-            if q.has_available():
-                self._deliver_kick(q)
+    def _poll(self, vr: Vring) -> None:
+        if vr.index in self._pollers:
+            self._pollers[vr.index] = self.loop.call_later(POLL_INTERVAL, self._poll, vr)
+            if vr.ready and vr.queue.has_available():
+                self._safe(self.device.kicked, vr)
 
-    def _on_kick(self, q: SplitQueue) -> None:
-        fd = q.kick_fd
+    def _on_kick(self, vr: Vring) -> None:
+        fd = vr.kick_fd
         if fd is None:
             return
         try:
@@ -429,41 +434,31 @@ class VhostUserBackend:
             return
         except OSError as e:
             self.errors["kick_fd"] += 1
-            log.error("queue %d: kick eventfd read failed: %s", q.index, e)
-            self._unwatch(q)
+            log.error("queue %d: kick eventfd read failed: %s", vr.index, e)
+            self._unwatch(vr)
             return
-        q.stats.kicks += 1
-        if q.ready:
-            self._deliver_kick(q)
+        vr.queue.state.stats.kicks += 1
+        # "While a ring is stopped, the back-end must not process the ring at all"; a
+        # disabled one is not handed to the device either.
+        if vr.ready:
+            self._safe(self.device.kicked, vr)
 
-    def _deliver_kick(self, q: SplitQueue) -> None:
-        self._safe(self.device.kicked, q)
-
-    def _safe(self, fn: Callable[[SplitQueue], None], q: SplitQueue) -> None:
+    def _safe(self, fn: Callable[[Vring], None], vr: Vring) -> None:
         """Call into the device; a broken ring or a device bug is logged and counted."""
         try:
-            fn(q)
-        except QueueBroken:
+            fn(vr)
+        except QueueBroken as e:
             self.errors["queue_broken"] += 1
-            self._signal_error(q)
+            vr.break_(str(e))  # nothing more if the device already did
         except Exception:
             self.errors["device"] += 1
-            log.exception("device callback %s on queue %d failed", fn.__name__, q.index)
-
-    def _signal_error(self, q: SplitQueue) -> None:
-        if q.err_fd is not None:
-            try:
-                os.eventfd_write(q.err_fd, 1)
-            except OSError:
-                pass
+            log.exception("device callback %s on queue %d failed", fn.__name__, vr.index)
 
     def _reset_rings(self) -> None:
-        for q in self.queues:
-            if q.started:
-                q.started = False
-                self._safe(self.device.queue_stopped, q)
-            self._unwatch(q)
-            q.reset()
+        for vr in self.vrings:
+            self._unwatch(vr)
+            vr.reset()
+        self.addresses.clear_rings()
 
     # -- teardown -------------------------------------------------------------------------
 
@@ -476,22 +471,21 @@ class VhostUserBackend:
             self.errors["device"] += 1
             log.exception("device reset failed")
         self.memory.clear()
-        _close_quietly(self.backend_req_fd)
+        self.addresses.clear()
+        close_quietly(self.backend_req_fd)
         self.backend_req_fd = None
 
     def counters(self) -> dict[str, int]:
         out = {f"errors.{k}": v for k, v in self.errors.items()}
-        for q in self.queues:
-            s = q.stats
+        for vr in self.vrings:
+            s = vr.queue.state.stats
             for key in ("popped", "pushed", "bad_chains", "notifies", "kicks"):
-                out[f"q{q.index}.{key}"] = getattr(s, key)
+                out[f"q{vr.index}.{key}"] = getattr(s, key)
         return out
 
 
-def _close_quietly(fd: int | None) -> None:
-    if fd is None:
-        return
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+def _spec(region: MemoryRegion, fd: int) -> RegionSpec:
+    """A wire region as guest memory sees it: no front-end address."""
+    if region.userspace_addr + region.memory_size > 1 << 64:
+        raise BadAddress("region wraps the 64-bit address space")
+    return RegionSpec(region.guest_phys_addr, region.memory_size, region.mmap_offset, fd)

@@ -1,8 +1,9 @@
 """The contract between the generic vhost-user backend and a virtio device.
 
 The backend knows vhost-user and virtqueues; a device knows what travels on them.
-A device declares its queues, features and config space and is called back as rings
-come and go and as the guest kicks.  It never sees a vhost-user message.
+A device declares its queues, features, protocol features and config space and is
+called back with :class:`~.vring.Vring` objects as rings come and go and as the guest
+kicks.  It never sees a vhost-user message.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .protocol import IMPLEMENTED_PROTOCOL_FEATURES, ProtocolFeature
+
 if TYPE_CHECKING:
-    from ..virtqueue import SplitQueue
+    from .vring import Vring
 
 
 class EventLoop(Protocol):
@@ -35,15 +38,25 @@ class VirtioDevice:
     max_queue_size: int = 1024
     #: virtio device id (for documentation and capability printing)
     device_id: int = 0
+    #: bytes of config space; with none, PROTOCOL_F_CONFIG is not offered
+    config_size: int = 0
 
     def __init__(self) -> None:
-        self.queues: list[SplitQueue] = []
+        self.vrings: list[Vring] = []
         self.loop: EventLoop | None = None
         self.acked_features = 0
 
     def features(self) -> int:
         """Device feature bits offered to the driver (virtio bits, incl. VERSION_1)."""
         return 0
+
+    def protocol_features(self) -> int:
+        """vhost-user protocol features to offer: all the back-end implements, but
+        CONFIG only for a device with a config space."""
+        f = IMPLEMENTED_PROTOCOL_FEATURES
+        if not self.config_size:
+            f &= ~(1 << ProtocolFeature.CONFIG)
+        return f
 
     def config(self) -> bytes:
         """The device's config space."""
@@ -55,23 +68,24 @@ class VirtioDevice:
 
     # -- callbacks from the backend, always on the loop thread ----------------------
 
-    def attach(self, queues: list[SplitQueue], loop: EventLoop) -> None:
-        """Called once: the queues this device will be handed, and the loop to use."""
-        self.queues = queues
+    def attach(self, vrings: list[Vring], loop: EventLoop) -> None:
+        """Called once: the rings this device will be handed, and the loop to use."""
+        self.vrings = vrings
         self.loop = loop
 
     def features_acked(self, features: int) -> None:
         """The front-end set the negotiated features (SET_FEATURES)."""
         self.acked_features = features
 
-    def queue_started(self, queue: SplitQueue) -> None:
+    def queue_started(self, vring: Vring) -> None:
         """A ring became usable (started and enabled, memory mapped)."""
 
-    def queue_stopped(self, queue: SplitQueue) -> None:
-        """A ring was disabled (``queue.started`` still True) or stopped (False: the
-        driver will set it up afresh); stop using it until it is ready again."""
+    def queue_stopped(self, vring: Vring) -> None:
+        """A ring is no longer usable: disabled or broken (``vring.state`` says which),
+        or stopped (``RingState.STOPPED``: the driver will set it up afresh).  Stop using
+        it until it is ready again."""
 
-    def kicked(self, queue: SplitQueue) -> None:
+    def kicked(self, vring: Vring) -> None:
         """The guest made buffers available on a ready ring."""
 
     def status_changed(self, status: int) -> None:

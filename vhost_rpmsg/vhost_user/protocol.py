@@ -90,25 +90,36 @@ HEADER_SIZE = 12
 MAX_PAYLOAD = 4096
 MAX_FDS = 32
 
-# Virtio feature bits the backend itself cares about (device features come from the device).
+#: The one virtio feature bit vhost-user itself defines: protocol features exist.
 VHOST_USER_F_PROTOCOL_FEATURES = 30
-VIRTIO_F_NOTIFY_ON_EMPTY = 24
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
 
 # Payload of SET_VRING_KICK/CALL/ERR: low byte = queue index, bit 8 = no fd (poll).
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
 
-# Device status bits (SET_STATUS), from the virtio spec.
-STATUS_ACKNOWLEDGE = 1
-STATUS_DRIVER = 2
-STATUS_DRIVER_OK = 4
-STATUS_FEATURES_OK = 8
-STATUS_NEEDS_RESET = 64
-STATUS_FAILED = 128
-
 # Memory slots the backend can hold with CONFIGURE_MEM_SLOTS (the spec's baseline is 8).
 MAX_MEM_SLOTS = 32
 MAX_CONFIG_SIZE = 256
+
+#: The protocol features this back-end implements; a device offers a subset of them
+#: (``VirtioDevice.protocol_features``).
+IMPLEMENTED_PROTOCOL_FEATURES = (
+    (1 << ProtocolFeature.MQ)
+    | (1 << ProtocolFeature.REPLY_ACK)
+    | (1 << ProtocolFeature.CONFIG)
+    | (1 << ProtocolFeature.RESET_DEVICE)
+    | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | (1 << ProtocolFeature.STATUS)
+)
+
+#: Requests whose reply carries a body; every other reply is a REPLY_ACK u64.  Used by
+#: the back-end and by the simulated front-end alike.
+REPLY_BODY = frozenset({
+    Request.GET_FEATURES,
+    Request.GET_PROTOCOL_FEATURES,
+    Request.GET_VRING_BASE,
+    Request.GET_QUEUE_NUM,
+    Request.GET_CONFIG,
+    Request.GET_MAX_MEM_SLOTS,
+    Request.GET_STATUS,
+})

@@ -21,8 +21,9 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 
-from ..virtqueue import SplitQueue
-from .backend import DEFAULT_PROTOCOL_FEATURES, VhostUserBackend
+from ..virtio.engines import QueueFactory
+from ..virtio.queue_python import PythonQueue
+from .backend import VhostUserBackend
 from .codec import Decoder, FramingError
 from .device import VirtioDevice
 from .protocol import MAX_FDS
@@ -228,8 +229,8 @@ class VhostUserServer:
         device: VirtioDevice,
         sock: socket.socket,
         *,
-        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
-        queue_factory: Callable[[int, int], SplitQueue] = SplitQueue,
+        protocol_features: int | None = None,
+        queue_factory: QueueFactory = PythonQueue,
         name: str | None = None,
     ) -> None:
         self.device = device

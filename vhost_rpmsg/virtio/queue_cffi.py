@@ -1,8 +1,8 @@
-"""The "cffi" engine: :class:`~vhost_rpmsg.virtqueue.SplitQueue` with its loops in C.
+"""The "cffi" engine: the :class:`~.queue.Queue` contract with its loops in C.
 
-:class:`CffiSplitQueue` gives the same results as the Python reference engine on every
+:class:`CffiQueue` gives the same results as the Python reference engine on every
 ring, well formed or hostile (tests/test_engine_differential.py holds it to that): the
-same :class:`~vhost_rpmsg.virtqueue.Chain` objects, errors, exceptions, stats, ring
+same :class:`~.queue.Chain` objects, errors, exceptions, stats, ring
 bytes and payload bytes.  The chain walks, used-ring stores, fences and payload copies
 run in ``cext/vring.c``; everything with policy in it (stats, logging, QueueBroken)
 stays in Python.
@@ -16,16 +16,17 @@ mappings and that C never goes outside them:
 * a table is rebuilt whenever ``GuestMemory.generation`` moves, and each C call works on
   an immutable snapshot (ring pointers + table) taken into a local first, so a table
   change on another thread never swaps pointers under a running call;
-* after :meth:`unmap`, or when the queue size no longer matches the mapped rings, every
-  method falls back to the Python engine, which fails exactly as it does there;
+* while the state is unmapped, or when the queue size no longer matches the mapped
+  rings, every method hands over to the Python engine it holds (composition: one
+  ``PythonQueue`` over the same state), which fails exactly as it does there;
 * a chain records the table generation it was translated under, and copies through a
-  chain from another generation raise :class:`~vhost_rpmsg.virtqueue.StaleChain`;
+  chain from another generation raise :class:`~.queue.StaleChain`;
   payload copies still re-check every byte range against the current table, and a chain
   that does not fit it (made up or modified by the caller) is handed to the Python
   engine, which gives its own result for it;
-* :meth:`CffiSplitQueue.pop_raw_batch` has C write the per-chain results straight into
+* :meth:`CffiQueue.pop_raw_batch` has C write the per-chain results straight into
   a fresh block, bounded by its capacity, whose numpy views the returned
-  :class:`~vhost_rpmsg.virtqueue.RawBatch` owns, and the payloads into a scratch buffer
+  :class:`~.queue.RawBatch` owns, and the payloads into a scratch buffer
   copied out as one ``bytes``: nothing the caller holds is ever reused.
 """
 
@@ -35,26 +36,28 @@ import itertools
 import operator
 from array import array
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from _vhost_rpmsg_vring import ffi, lib  # cext/build_vring.py
 
 from .memory import GuestMemory
-from .virtqueue import (
+from .queue import (
     U32_MAX,
     Chain,
     ChainError,
+    QueueBroken,
+    QueueState,
     RawBatch,
     Segment,
-    SplitQueue,
     stale_chain,
     used_entries_array,
     used_heads_array,
     used_length,
 )
+from .queue_python import PythonQueue
 
-__all__ = ["CffiSplitQueue", "full_fence"]
+__all__ = ["CffiQueue", "full_fence"]
 
 _ERRORS: list[ChainError] = sorted(ChainError, key=int)
 if [int(e) for e in _ERRORS] != list(range(len(_ERRORS))) or lib.VR_CHAIN_OK != 0:
@@ -113,14 +116,14 @@ class _State:
 
     __slots__ = ("keep", "ring", "size", "table")
 
-    def __init__(self, q: SplitQueue, table: _Table, keep: tuple[Any, ...] | None = None) -> None:
+    def __init__(self, q: QueueState, table: _Table, keep: tuple[Any, ...] | None = None) -> None:
         self.table = table
         self.size = q.size
         if keep is None:
             keep = (
-                ffi.from_buffer("uint8_t[]", q._desc, require_writable=True),
-                ffi.from_buffer("uint8_t[]", q._avail, require_writable=True),
-                ffi.from_buffer("uint8_t[]", q._used16, require_writable=True),
+                ffi.from_buffer("uint8_t[]", q.desc, require_writable=True),
+                ffi.from_buffer("uint8_t[]", q.avail, require_writable=True),
+                ffi.from_buffer("uint8_t[]", q.used16, require_writable=True),
             )
         self.keep = keep
         desc, avail, used = keep
@@ -136,7 +139,7 @@ class _State:
         ring.regions = table.regions
         self.ring = ring
 
-    def with_table(self, q: SplitQueue, table: _Table) -> _State:
+    def with_table(self, q: QueueState, table: _Table) -> _State:
         return _State(q, table, self.keep)
 
 
@@ -246,38 +249,39 @@ def _pack(segs: Sequence[Segment]) -> Any:
         return None
 
 
-class CffiSplitQueue(SplitQueue):
-    """A split virtqueue whose batch operations run in C; results identical to Python's."""
+class CffiQueue:
+    """The C engine over one :class:`~.queue.QueueState`; results identical to Python's."""
 
-    engine = "cffi"
+    name: ClassVar[str] = "cffi"
 
-    def __init__(self, index: int, max_size: int = 1024) -> None:
-        super().__init__(index, max_size)
-        self._state: _State | None = None
+    def __init__(self, state: QueueState) -> None:
+        self.state = state
+        self.reference = PythonQueue(state)  # for what only the Python engine may do
         self._batch: _Batch | None = None
         self._raw: _Raw | None = None
 
-    # -- mapping ---------------------------------------------------------------------
-
-    def map(self, mem: GuestMemory) -> None:
-        super().map(mem)  # raises before changing anything if the rings are not in memory
-        self._state = None  # never a snapshot of the old rings with the new ones mapped
-        self._state = _State(self, _Table(mem))
-
-    def unmap(self) -> None:
-        self._state = None  # drop the exports first: nothing of ours keeps the old mapping
-        super().unmap()
-
     def _current(self) -> _State | None:
         """The snapshot to hand C, or None where only the Python engine may act."""
-        st = self._state
-        mem = self._mem
-        if st is None or mem is None or st.size != self.size:
+        q = self.state
+        mem = q.mem
+        if mem is None or not q.mapped:
+            return None
+        st = q.snapshot
+        if not isinstance(st, _State):
+            st = _State(q, _Table(mem))
+            q.snapshot = st
+        if st.size != q.size:
             return None
         if st.table.generation != mem.generation or st.table.mem is not mem:
-            st = st.with_table(self, _Table(mem))
-            self._state = st
+            st = st.with_table(q, _Table(mem))
+            q.snapshot = st
         return st if st.table.ok else None
+
+    def pending(self) -> int:
+        return self.reference.pending()
+
+    def unpop(self, count: int) -> None:
+        self.reference.unpop(count)
 
     # -- batch operations ------------------------------------------------------------
 
@@ -285,30 +289,13 @@ class CffiSplitQueue(SplitQueue):
         """Take up to ``max_chains`` available chains, each validated and translated."""
         st = self._current()
         if st is None or type(max_chains) is not int:
-            return super().pop_batch(max_chains)
+            return self.reference.pop_batch(max_chains)
         return self._pop(st, max_chains, None)[0]
-
-    def pop_read_batch(
-        self, max_chains: int, limit: int
-    ) -> tuple[list[Chain], list[bytes | None]]:
-        """:meth:`pop_batch`, plus the payload of each chain in the same C call.
-
-        ``payloads[i]`` is ``read_chain(chains[i], limit)`` for a chain without error and
-        None for one with an error: the rpmsg to_host hot path in one crossing.
-        """
-        st = self._current()
-        if st is None or type(max_chains) is not int or type(limit) is not int:
-            chains = super().pop_batch(max_chains)
-            return chains, [super(CffiSplitQueue, self).read_chain(c, limit) if c.ok else None
-                            for c in chains]
-        chains, payloads = self._pop(st, max_chains, limit)
-        assert payloads is not None
-        return chains, payloads
 
     def _pop(
         self, st: _State, max_chains: int, limit: int | None
     ) -> tuple[list[Chain], list[bytes | None] | None]:
-        with self.lock:
+        with self.state.lock:
             want = max(0, min(max_chains, st.size))
             bt = self._batch
             if bt is None:
@@ -327,12 +314,12 @@ class CffiSplitQueue(SplitQueue):
                 b.data_limit = min(max(limit, 0), (1 << 64) - 1)  # < 0: b"" like read_chain
                 payloads = []
             b.max_chains = want
-            b.flags = lib.VR_F_INDIRECT if self.indirect else 0
-            b.last_avail = self.last_avail_idx
+            b.flags = lib.VR_F_INDIRECT if self.state.indirect else 0
+            b.last_avail = self.state.last_avail_idx
             status = lib.vr_pop_batch(st.ring, b)
             if status == lib.VR_POP_AHEAD:
-                self._break(f"avail idx {b.avail_idx} is {b.pending} ahead of "
-                            f"{self.last_avail_idx}")
+                raise QueueBroken(f"avail idx {b.avail_idx} is {b.pending} ahead of "
+                                  f"{self.state.last_avail_idx}")
             total = b.total
             out: list[Chain] = []
             nbad = 0
@@ -351,10 +338,10 @@ class CffiSplitQueue(SplitQueue):
                 b.flags |= lib.VR_F_CONTINUE
                 b.max_chains = total - len(out)
                 status = lib.vr_pop_batch(st.ring, b)
-            self.last_avail_idx = b.last_avail
+            self.state.last_avail_idx = b.last_avail
             if total > 0:
-                self.stats.popped += total
-                self.stats.bad_chains += nbad
+                self.state.stats.popped += total
+                self.state.stats.bad_chains += nbad
             return out, payloads
 
     @staticmethod
@@ -396,22 +383,22 @@ class CffiSplitQueue(SplitQueue):
     def pop_raw_batch(self, max_chains: int, limit: int) -> RawBatch:
         """Take up to ``max_chains`` chains with up to ``limit`` readable bytes of each.
 
-        One C call fills the :class:`~vhost_rpmsg.virtqueue.RawBatch` arrays; no Python
+        One C call fills the :class:`~.queue.RawBatch` arrays; no Python
         object is made per chain.
         """
         max_chains = operator.index(max_chains)
         limit = operator.index(limit)
         st = self._current()
         if st is None:
-            return SplitQueue.pop_raw_batch(self, max_chains, limit)
-        with self.lock:
-            last = self.last_avail_idx
+            return self.reference.pop_raw_batch(max_chains, limit)
+        with self.state.lock:
+            last = self.state.last_avail_idx
             # A first look at the avail idx sizes the arrays (and answers an idle poll
             # without C); C reads it again with acquire ordering and pops at most n.
-            idx = int(self._avail[1])
+            idx = int(self.state.avail[1])
             pending = (idx - last) & 0xFFFF
             if pending > st.size:
-                self._break(f"avail idx {idx} is {pending} ahead of {last}")
+                raise QueueBroken(f"avail idx {idx} is {pending} ahead of {last}")
             n = min(pending, max_chains)
             if n <= 0:
                 return RawBatch.empty()
@@ -422,21 +409,21 @@ class CffiSplitQueue(SplitQueue):
             # All per-chain arrays in one fresh block (int64 units: 8-byte aligned), laid
             # out by C; the batch's arrays are views of it, made once the count is known.
             block = _raw_alloc("int64_t[]", (_RAW_BYTES * n + 7) // 8)
-            flags = lib.VR_F_INDIRECT if self.indirect else 0
+            flags = lib.VR_F_INDIRECT if self.state.indirect else 0
             status = lib.vr_pop_raw(st.ring, r, block, n, last, flags,
                                     min(max(limit, 0), (1 << 64) - 1))  # < 0: b""
             while status != lib.VR_POP_DONE:
                 if status == lib.VR_POP_AHEAD:  # it moved under us; the guest's doing
-                    self._break(f"avail idx {r.avail_idx} is {r.pending} ahead of {last}")
+                    raise QueueBroken(f"avail idx {r.avail_idx} is {r.pending} ahead of {last}")
                 if status == lib.VR_POP_NEED_SEGS:
                     rw.grow_segs(max(2 * rw.seg_cap, r.need))
                 else:
                     rw.grow_data(max(2 * rw.data_cap, r.need), r.data_used)
                 status = lib.vr_pop_raw(st.ring, r, block, n, last, lib.VR_F_CONTINUE, 0)
             k = r.total
-            self.last_avail_idx = r.last_avail
+            self.state.last_avail_idx = r.last_avail
             nbad = r.nbad
-            stats = self.stats
+            stats = self.state.stats
             stats.popped += k
             stats.bad_chains += nbad
             data = rw.data_view[: r.data_used]
@@ -444,6 +431,19 @@ class CffiSplitQueue(SplitQueue):
             return RawBatch(_frombuffer(buf, _U32, k, 16 * n), _frombuffer(buf, _U8, k, 20 * n),
                             _frombuffer(buf, _BOOL, k, 21 * n), _frombuffer(buf, _I64, k, 8 * n),
                             _frombuffer(buf, _I64, k, 0), data, nbad, r.nwritable, r.nhead_bad)
+
+    def split_headers(self, rb: RawBatch, size: int) -> np.ndarray:
+        """The first ``size`` bytes of every chain of ``rb``, zero-filled: one C call."""
+        n = rb.count
+        out = np.empty((n, size), np.uint8)
+        if not n or not size:
+            return np.zeros((n, size), np.uint8)
+        got = lib.vr_split_headers(
+            ffi.from_buffer(rb.data), len(rb.data), ffi.from_buffer("int64_t[]", rb.offsets),
+            ffi.from_buffer("int64_t[]", rb.lengths), n, size, ffi.from_buffer("uint8_t[]", out))
+        if got < 0:
+            raise ValueError("raw batch offsets and lengths do not fit its data")
+        return out
 
     def push_used(self, heads: np.ndarray, length: int) -> None:
         """Publish every head of ``heads`` (a uint32 array) with the same used ``length``."""
@@ -457,10 +457,10 @@ class CffiSplitQueue(SplitQueue):
             return None
         st = self._current()
         if st is None:
-            return SplitQueue.push_used(self, heads, length)
-        self.used_idx = lib.vr_push_used(st.ring, self.used_idx,
+            return self.reference.push_used(heads, length)
+        self.state.used_idx = lib.vr_push_used(st.ring, self.state.used_idx,
                                          ffi.from_buffer("uint32_t[]", heads), n, length)
-        self.stats.pushed += n
+        self.state.stats.pushed += n
         return None
 
     def push_batch(self, entries: list[tuple[int, int]] | np.ndarray) -> None:
@@ -479,50 +479,51 @@ class CffiSplitQueue(SplitQueue):
                 return None
             st = self._current()
             if st is None:
-                return SplitQueue.push_batch(self, arr)
-            self.used_idx = lib.vr_push_batch(st.ring, self.used_idx,
+                return self.reference.push_batch(arr)
+            self.state.used_idx = lib.vr_push_batch(st.ring, self.state.used_idx,
                                               ffi.from_buffer("uint32_t[]", arr), n)
-            self.stats.pushed += n
+            self.state.stats.pushed += n
             return None
         if not entries:
             return None
         st = self._current()
         if st is None:
-            return super().push_batch(entries)
+            return self.reference.push_batch(entries)
         try:
             flat = array("I", itertools.chain.from_iterable(entries))
         except (OverflowError, TypeError, ValueError):
             flat = None
         if flat is None or len(flat) != 2 * len(entries) or flat.itemsize != 4:
-            return super().push_batch(entries)  # fails (or not) exactly as Python does
-        self.used_idx = lib.vr_push_batch(st.ring, self.used_idx,
+            return self.reference.push_batch(entries)  # fails (or not) exactly as Python does
+        self.state.used_idx = lib.vr_push_batch(st.ring, self.state.used_idx,
                                           ffi.from_buffer("uint32_t[]", flat), len(entries))
-        self.stats.pushed += len(entries)
+        self.state.stats.pushed += len(entries)
         return None
 
     def need_notify(self) -> bool:
         """Whether the guest asked to be interrupted for what we pushed since last time."""
         st = self._current()
         if st is None:
-            return super().need_notify()
-        new, old = self.used_idx, self._signalled_used
-        self._signalled_used = new
-        return bool(lib.vr_need_notify(st.ring, new, old, 1 if self.event_idx else 0))
+            return self.reference.need_notify()
+        new, old = self.state.used_idx, self.state.signalled_used
+        self.state.signalled_used = new
+        return bool(lib.vr_need_notify(st.ring, new, old, 1 if self.state.event_idx else 0))
 
     def disable_kicks(self) -> None:
         """Tell the guest not to kick while we are draining the ring anyway."""
         st = self._current()
         if st is None:
-            return super().disable_kicks()
-        lib.vr_disable_kicks(st.ring, 1 if self.event_idx else 0)
+            return self.reference.disable_kicks()
+        lib.vr_disable_kicks(st.ring, 1 if self.state.event_idx else 0)
         return None
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on the next buffer; True if buffers raced in meanwhile."""
         st = self._current()
         if st is None:
-            return super().enable_kicks()
-        return bool(lib.vr_enable_kicks(st.ring, self.last_avail_idx, 1 if self.event_idx else 0))
+            return self.reference.enable_kicks()
+        return bool(lib.vr_enable_kicks(st.ring, self.state.last_avail_idx,
+                                        1 if self.state.event_idx else 0))
 
     # -- payload copies ------------------------------------------------------------------
 
@@ -530,7 +531,7 @@ class CffiSplitQueue(SplitQueue):
         """Up to ``limit`` device-readable bytes of ``chain``, starting ``offset`` bytes in."""
         st = self._current()
         if st is None or type(offset) is not int or offset < 0:
-            return super().read_chain(chain, limit, offset)
+            return self.reference.read_chain(chain, limit, offset)
         if chain.generation != st.table.generation:
             raise stale_chain(chain, st.table.generation)
         want = chain.read_len - offset if limit is None else min(limit, chain.read_len - offset)
@@ -558,7 +559,7 @@ class CffiSplitQueue(SplitQueue):
             pass
         # Not a chain this memory holds (it changed since the pop, or the chain was made
         # up): whatever the Python engine makes of it.
-        return super().read_chain(chain, limit, offset)
+        return self.reference.read_chain(chain, limit, offset)
 
     def write_chain(self, chain: Chain, data: bytes | bytearray | memoryview,
                     offset: int = 0) -> int:
@@ -568,12 +569,12 @@ class CffiSplitQueue(SplitQueue):
         """
         st = self._current()
         if st is None or type(offset) is not int or offset < 0:
-            return super().write_chain(chain, data, offset)
+            return self.reference.write_chain(chain, data, offset)
         if chain.generation != st.table.generation:
             raise stale_chain(chain, st.table.generation)
         src = memoryview(data)
         if src.format != "B" or src.ndim != 1 or not src.c_contiguous:
-            return super().write_chain(chain, data, offset)
+            return self.reference.write_chain(chain, data, offset)
         total = len(src)
         segs = chain.writable
         if total == 0 or not segs:
@@ -598,4 +599,4 @@ class CffiSplitQueue(SplitQueue):
                         return int(got)
         except (OverflowError, TypeError, ValueError):
             pass
-        return super().write_chain(chain, data, offset)
+        return self.reference.write_chain(chain, data, offset)

@@ -3,7 +3,8 @@
 Every access the backend makes to guest memory goes through :class:`GuestMemory`: an
 address range is translated to (region, offset) only if it lies wholly inside one
 region, so a hostile descriptor can never make us read or write outside what the
-front-end handed over.
+front-end handed over.  It knows guest-physical addresses only: the vhost-user back-end
+turns the front-end's regions and virtual addresses into these at the protocol edge.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .vhost_user.codec import MemoryRegion
-
 log = logging.getLogger(__name__)
 
 _PAGE = mmap.PAGESIZE
@@ -26,53 +25,56 @@ class BadAddress(Exception):
     """An address, range or region the front-end gave us is not usable guest memory."""
 
 
+@dataclass(frozen=True)
+class RegionSpec:
+    """Where a region of guest RAM is: ``size`` bytes at ``gpa``, ``mmap_offset`` into ``fd``."""
+
+    gpa: int
+    size: int
+    mmap_offset: int
+    fd: int
+
+
 @dataclass(eq=False)
 class Region:
     """One mmapped region of guest RAM."""
 
     gpa: int
     size: int
-    uva: int  # front-end (QEMU) virtual address of the region start
-    mmap_offset: int
     _map: mmap.mmap | None = None
     mem: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint8))
     mv: memoryview = field(default_factory=lambda: memoryview(b""))
 
     @classmethod
-    def map(cls, desc: MemoryRegion, fd: int) -> Region:
-        """mmap ``fd`` as described.  The caller keeps ``fd``: the mapping outlives it."""
-        if desc.memory_size == 0:
+    def map(cls, spec: RegionSpec) -> Region:
+        """mmap ``spec.fd`` as described.  The caller keeps the fd: the mapping outlives it."""
+        if spec.size == 0:
             raise BadAddress("region of size 0")
-        end = desc.guest_phys_addr + desc.memory_size
-        if end > 1 << 64 or desc.userspace_addr + desc.memory_size > 1 << 64:
+        if spec.gpa + spec.size > 1 << 64:
             raise BadAddress("region wraps the 64-bit address space")
         # mmap offsets must be page aligned: map from the page below and skip the rest.
-        aligned = desc.mmap_offset - desc.mmap_offset % _PAGE
-        skip = desc.mmap_offset - aligned
+        aligned = spec.mmap_offset - spec.mmap_offset % _PAGE
+        skip = spec.mmap_offset - aligned
         try:
-            st = os.fstat(fd)
-            if st.st_size and aligned + skip + desc.memory_size > st.st_size:
+            st = os.fstat(spec.fd)
+            if st.st_size and aligned + skip + spec.size > st.st_size:
                 raise BadAddress(
-                    f"region of {desc.memory_size} bytes at offset {desc.mmap_offset} "
+                    f"region of {spec.size} bytes at offset {spec.mmap_offset} "
                     f"exceeds its file of {st.st_size} bytes"
                 )
             m = mmap.mmap(
-                fd,
-                skip + desc.memory_size,
+                spec.fd,
+                skip + spec.size,
                 flags=mmap.MAP_SHARED,
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
                 offset=aligned,
             )
         except (OSError, ValueError, OverflowError) as e:
-            raise BadAddress(f"cannot map region gpa 0x{desc.guest_phys_addr:x}: {e}") from e
-        mem = np.frombuffer(m, dtype=np.uint8, count=desc.memory_size, offset=skip)
-        log.info("mapped guest memory: gpa 0x%x size 0x%x front-end va 0x%x file offset 0x%x",
-                 desc.guest_phys_addr, desc.memory_size, desc.userspace_addr,
-                 desc.mmap_offset)
-        return cls(
-            desc.guest_phys_addr, desc.memory_size, desc.userspace_addr, desc.mmap_offset,
-            m, mem, mem.data,
-        )
+            raise BadAddress(f"cannot map region gpa 0x{spec.gpa:x}: {e}") from e
+        mem = np.frombuffer(m, dtype=np.uint8, count=spec.size, offset=skip)
+        log.info("mapped guest memory: gpa 0x%x size 0x%x file offset 0x%x",
+                 spec.gpa, spec.size, spec.mmap_offset)
+        return cls(spec.gpa, spec.size, m, mem, mem.data)
 
     def close(self) -> None:
         """Unmap.  Views still held elsewhere keep the pages alive, never dangling."""
@@ -88,16 +90,9 @@ class Region:
                 log.debug("region 0x%x still viewed; unmapped when the last view goes", self.gpa)
             self._map = None
 
-    def matches(self, desc: MemoryRegion) -> bool:
-        return (
-            self.gpa == desc.guest_phys_addr
-            and self.size == desc.memory_size
-            and self.uva == desc.userspace_addr
-        )
-
 
 class GuestMemory:
-    """The set of mapped regions, with GPA and front-end-VA translation."""
+    """The set of mapped regions, and guest-physical address translation."""
 
     def __init__(self, max_regions: int = 32) -> None:
         self.max_regions = max_regions
@@ -106,14 +101,12 @@ class GuestMemory:
 
     # -- table changes -------------------------------------------------------
 
-    def set_table(self, descs: list[MemoryRegion], fds: list[int]) -> None:
-        """Replace every region (SET_MEM_TABLE); all or nothing.  The caller keeps ``fds``."""
-        if len(descs) != len(fds):
-            raise BadAddress(f"{len(descs)} regions but {len(fds)} file descriptors")
+    def set_table(self, specs: list[RegionSpec]) -> None:
+        """Replace every region (SET_MEM_TABLE); all or nothing.  The caller keeps the fds."""
         new: list[Region] = []
         try:
-            for d, fd in zip(descs, fds, strict=True):
-                region = Region.map(d, fd)
+            for spec in specs:
+                region = Region.map(spec)
                 new.append(region)
                 self._check_overlap(region, new[:-1])
         except BadAddress:
@@ -124,11 +117,11 @@ class GuestMemory:
         self.regions = new
         self.generation += 1
 
-    def add(self, desc: MemoryRegion, fd: int) -> None:
-        """Add one region (ADD_MEM_REG).  The caller keeps ``fd``."""
+    def add(self, spec: RegionSpec) -> None:
+        """Add one region (ADD_MEM_REG).  The caller keeps the fd."""
         if len(self.regions) >= self.max_regions:
             raise BadAddress(f"no free memory slot (max {self.max_regions})")
-        region = Region.map(desc, fd)
+        region = Region.map(spec)
         try:
             self._check_overlap(region, self.regions)
         except BadAddress:
@@ -137,17 +130,15 @@ class GuestMemory:
         self.regions.append(region)
         self.generation += 1
 
-    def remove(self, desc: MemoryRegion) -> None:
-        """Remove the region matching ``desc`` (REM_MEM_REG)."""
+    def remove(self, gpa: int, size: int) -> None:
+        """Remove the region of ``size`` bytes at ``gpa`` (REM_MEM_REG)."""
         for i, r in enumerate(self.regions):
-            if r.matches(desc):
+            if r.gpa == gpa and r.size == size:
                 del self.regions[i]
                 r.close()
                 self.generation += 1
                 return
-        raise BadAddress(
-            f"no region at gpa 0x{desc.guest_phys_addr:x} size 0x{desc.memory_size:x}"
-        )
+        raise BadAddress(f"no region at gpa 0x{gpa:x} size 0x{size:x}")
 
     def clear(self) -> None:
         """Unmap everything (reset, disconnect)."""
@@ -175,16 +166,8 @@ class GuestMemory:
                 return i, off
         raise BadAddress(f"guest range 0x{gpa:x}+{length} is outside guest memory")
 
-    def find_uva(self, uva: int, length: int) -> tuple[int, int]:
-        """(region index, offset) of a front-end virtual range (ring addresses)."""
-        for i, r in enumerate(self.regions):
-            off = uva - r.uva
-            if off >= 0 and off + length <= r.size:
-                return i, off
-        raise BadAddress(f"front-end range 0x{uva:x}+{length} is outside guest memory")
-
     def view(self, region: int, offset: int, length: int) -> np.ndarray:
-        """A uint8 view of a range already translated by find_gpa/find_uva."""
+        """A uint8 view of a range already translated by find_gpa."""
         return self.regions[region].mem[offset : offset + length]
 
     def read_gpa(self, gpa: int, length: int) -> bytes:

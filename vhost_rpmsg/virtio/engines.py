@@ -1,7 +1,7 @@
-"""Choosing a split-ring engine: the pure-Python reference or the C one (cffi).
+"""Choosing a queue engine: the pure-Python reference or the C one (cffi).
 
-Both engines are :class:`~vhost_rpmsg.virtqueue.SplitQueue` classes with identical
-behaviour; the back-end takes a queue factory ``(index, max_size) -> SplitQueue``::
+Both meet :class:`~.queue.Queue` with identical behaviour; the back-end takes the engine
+as a factory ``QueueState -> Queue``::
 
     VhostUserServer(device, sock, queue_factory=queue_factory("auto"))
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from .virtqueue import Chain, SplitQueue
+from .queue import Queue, QueueState
+from .queue_python import PythonQueue
 
 log = logging.getLogger(__name__)
 
-QueueFactory = Callable[[int, int], SplitQueue]
+QueueFactory = Callable[[QueueState], Queue]
 
 ENGINES = ("python", "cffi")
 AUTO_FALLBACK_WARNING = "cffi engine not built; using the python engine"
@@ -25,17 +26,17 @@ class EngineUnavailable(RuntimeError):
     """The engine asked for cannot be used here."""
 
 
-def _cffi_class() -> type[SplitQueue]:
-    """CffiSplitQueue, or EngineUnavailable saying why it cannot be imported."""
+def _cffi_class() -> QueueFactory:
+    """CffiQueue, or EngineUnavailable saying why it cannot be imported."""
     try:
-        from .engine_cffi import CffiSplitQueue
+        from .queue_cffi import CffiQueue
     except ImportError as e:
         raise EngineUnavailable(
             "the cffi engine is not built (_vhost_rpmsg_vring cannot be imported: "
             f"{e}); build it with `pip install .` (needs a C compiler and cffi), "
             "or for a work tree `python cext/build_vring.py`"
         ) from e
-    return CffiSplitQueue
+    return CffiQueue
 
 
 def available_engines() -> list[str]:
@@ -50,14 +51,19 @@ def available_engines() -> list[str]:
     return out
 
 
+def engine_name(factory: QueueFactory) -> str:
+    """The name an engine goes by (``python``, ``cffi``)."""
+    return str(getattr(factory, "name", getattr(factory, "__name__", "?")))
+
+
 def queue_factory(name: str = "auto") -> QueueFactory:
-    """The queue class for engine ``name``: "python", "cffi", or "auto".
+    """The queue engine ``name``: "python", "cffi", or "auto".
 
     "auto" takes cffi when it is built and otherwise python, with a warning.  Asking for
     "cffi" where it is not built raises :class:`EngineUnavailable`.
     """
     if name == "python":
-        return SplitQueue
+        return PythonQueue
     if name == "cffi":
         return _cffi_class()
     if name == "auto":
@@ -65,21 +71,5 @@ def queue_factory(name: str = "auto") -> QueueFactory:
             return _cffi_class()
         except EngineUnavailable as e:
             log.warning("%s (%s)", AUTO_FALLBACK_WARNING, e.__cause__)
-            return SplitQueue
+            return PythonQueue
     raise ValueError(f"unknown engine {name!r}: choose one of auto, {', '.join(ENGINES)}")
-
-
-def pop_read_batch(
-    q: SplitQueue, max_chains: int, limit: int
-) -> tuple[list[Chain], list[bytes | None]]:
-    """Pop up to ``max_chains`` chains with the payload of each (None for a bad chain).
-
-    In one C call on the cffi engine; the same result from pop_batch + read_chain on any
-    other.
-    """
-    fast = getattr(q, "pop_read_batch", None)
-    if fast is not None:
-        chains, payloads = fast(max_chains, limit)
-        return chains, payloads
-    chains = q.pop_batch(max_chains)
-    return chains, [q.read_chain(c, limit) if c.ok else None for c in chains]

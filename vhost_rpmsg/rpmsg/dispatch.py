@@ -1,0 +1,155 @@
+"""Host endpoints: the registry, per-endpoint state, and handing guest messages to them.
+
+Each endpoint has a :class:`EndpointSlot`: its handler style (fixed at registration),
+its counters, and for ``async def`` handlers the queue and task that run them in order
+on the device's loop.  A handler that raises costs only its own messages: it is counted
+and logged (rate-limited), and everyone else keeps being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..endpoints.base import Endpoint
+from . import codec as rp
+from .batch import MessageBatch
+from .errors import AddressInUse
+from .ratelimit import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+
+def handler_style(ep: Endpoint) -> str:
+    """Which handler the device calls: the most batched one the endpoint overrides."""
+    kind = type(ep)
+    if inspect.iscoroutinefunction(ep.on_message):
+        return "async"
+    if kind.on_message_batch is not Endpoint.on_message_batch:
+        return "arrays"
+    if kind.on_batch is not Endpoint.on_batch:
+        return "pairs"
+    return "single"
+
+
+@dataclass(eq=False)
+class EndpointSlot:
+    """One registered endpoint and what the device keeps for it."""
+
+    endpoint: Endpoint
+    style: str
+    #: messages delivered, and those its handler failed on
+    stats: Counter[str] = field(default_factory=Counter)
+    queue: asyncio.Queue[tuple[int, bytes]] | None = None
+    task: asyncio.Task[None] | None = None
+
+
+class Dispatcher:
+    """The host endpoints, by address, and delivery of message runs to them."""
+
+    def __init__(self, stats: Counter[str], rl: RateLimitedLog) -> None:
+        self.slots: dict[int, EndpointSlot] = {}
+        self._stats = stats
+        self._rl = rl
+
+    @property
+    def endpoints(self) -> dict[int, Endpoint]:
+        return {addr: s.endpoint for addr, s in self.slots.items()}
+
+    def add(self, ep: Endpoint) -> None:
+        if ep.addr == rp.NS_ADDR or not 0 <= ep.addr < rp.ADDR_ANY:
+            raise AddressInUse(f"address {ep.addr} is reserved")
+        if ep.addr in self.slots:
+            raise AddressInUse(f"host address {ep.addr} already has "
+                             f"{self.slots[ep.addr].endpoint.describe()}")
+        self.slots[ep.addr] = EndpointSlot(ep, handler_style(ep))
+
+    def remove(self, addr: int) -> Endpoint:
+        slot = self.slots.pop(addr)
+        if slot.task is not None:
+            slot.task.cancel()
+        return slot.endpoint
+
+    def call_hooks(self, name: str) -> None:
+        """``guest_ready`` or ``guest_gone`` on every endpoint; one raising stops no other."""
+        for slot in list(self.slots.values()):
+            ep = slot.endpoint
+            hook: Callable[[], None] = getattr(ep, name)
+            try:
+                hook()
+            except Exception:
+                self._stats["handler_errors"] += 1
+                self._rl.error(f"hook{ep.addr}", "endpoint %s hook %s raised", ep.describe(),
+                               name, exc_info=True)
+
+    def deliver(self, run: MessageBatch) -> None:
+        """Hand a run of messages for one address to its endpoint."""
+        n = len(run)
+        slot = self.slots.get(run.dst)
+        if slot is None:
+            self._stats["unknown_destination"] += n
+            self._rl.error("dst", "no host endpoint at %d (from guest %d); "
+                           "%d message(s) discarded", run.dst, int(run.srcs[0]), n)
+            return
+        slot.stats["messages"] += n
+        ep = slot.endpoint
+        style = slot.style
+        if style == "async":
+            q = self._async_queue(slot)
+            for item in run:
+                q.put_nowait(item)
+        elif style == "arrays":
+            try:
+                ep.on_message_batch(run)
+            except Exception:
+                self._failed(slot, n)
+        elif style == "pairs":
+            try:
+                ep.on_batch(list(run))
+            except Exception:
+                self._failed(slot, n)
+        else:
+            # Per message, so one failing message does not cost the rest of the batch.
+            for src, data in run:
+                try:
+                    ep.on_message(src, data)
+                except Exception:
+                    self._failed(slot, 1)
+
+    def _failed(self, slot: EndpointSlot, messages: int) -> None:
+        slot.stats["failed_messages"] += messages
+        self._stats["handler_errors"] += 1
+        self._stats["handler_failed_messages"] += messages
+        ep = slot.endpoint
+        self._rl.error(f"ep{ep.addr}", "endpoint %s raised on %d message(s)",
+                       ep.describe(), messages, exc_info=True)
+
+    def _async_queue(self, slot: EndpointSlot) -> asyncio.Queue[tuple[int, bytes]]:
+        if slot.queue is None:
+            slot.queue = asyncio.Queue()
+            slot.task = asyncio.get_running_loop().create_task(self._async_worker(slot))
+        return slot.queue
+
+    async def _async_worker(self, slot: EndpointSlot) -> None:
+        q = slot.queue
+        assert q is not None
+        on_message = slot.endpoint.on_message
+        while True:
+            src, data = await q.get()
+            try:
+                await on_message(src, data)  # type: ignore[misc]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._failed(slot, 1)
+
+    def stop_tasks(self) -> None:
+        for slot in self.slots.values():
+            if slot.task is not None:
+                slot.task.cancel()
+                slot.task = None
+                slot.queue = None

@@ -1,0 +1,104 @@
+"""The outbox: host messages waiting for guest rx buffers, and how they get into them.
+
+Bounded, so flow control has something to push against: while it is full the device
+stops taking guest messages (their tx buffers stay in the ring and the guest's own
+back-pressure does the rest), and senders hear WouldBlock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable
+
+from ..virtio.queue import Chain, Queue
+from .ratelimit import RateLimitedLog
+
+BATCH = 256  # rx chains taken at a time: at most a whole ring
+
+
+class Outbox:
+    """Encoded messages for the guest, oldest first, at most ``limit`` of them."""
+
+    def __init__(self, limit: int, stats: Counter[str], rl: RateLimitedLog) -> None:
+        self.limit = limit
+        #: the device stopped taking guest messages because this was full
+        self.to_host_paused = False
+        self._q: deque[bytes] = deque()
+        self._stats = stats
+        self._rl = rl
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    @property
+    def full(self) -> bool:
+        return len(self._q) >= max(self.limit, 1)
+
+    def room(self) -> int:
+        return self.limit - len(self._q)
+
+    def append(self, msg: bytes) -> None:
+        self._q.append(msg)
+
+    def extend(self, msgs: Iterable[bytes]) -> None:
+        self._q.extend(msgs)
+
+    def put_first(self, msgs: list[bytes]) -> None:
+        """Ahead of everything queued, in the order given."""
+        self._q.extendleft(reversed(msgs))
+
+    def clear(self) -> int:
+        """Drop everything (the guest they were for is gone); how many were dropped."""
+        n = len(self._q)
+        self._q.clear()
+        self.to_host_paused = False
+        return n
+
+    def fill(self, q: Queue) -> int:
+        """Move what fits into the rx ring's free buffers, in order; the messages written.
+
+        The caller holds the queue lock and notifies the guest afterwards.
+        """
+        out = self._q
+        wrote = 0
+        while out:
+            chains = q.pop_batch(min(len(out), BATCH))
+            if not chains:
+                if q.enable_kicks():
+                    continue
+                break
+            used = []
+            for k, c in enumerate(chains):
+                if not out:
+                    # A bad chain in the batch left good ones over: they stay in the
+                    # ring for the next message (never returned empty).
+                    q.unpop(len(chains) - k)
+                    break
+                n = self.write(q, c, out[0])
+                if n is None:
+                    if c.returnable:
+                        used.append((c.head, 0))
+                    continue
+                out.popleft()
+                used.append((c.head, n))
+                wrote += 1
+            q.push_batch(used)
+        return wrote
+
+    def write(self, q: Queue, c: Chain, msg: bytes) -> int | None:
+        """Copy ``msg`` into rx chain ``c``; None (counted, logged) if it cannot take it."""
+        if not c.ok:
+            self._stats["bad_chains"] += 1
+            self._rl.error("rxchain", "to_guest: bad descriptor chain at head %d: %s",
+                           c.head, c.error.name)
+            return None
+        if c.readable:
+            self._stats["bad_chains"] += 1
+            self._rl.error("rxdir", "to_guest: chain %d has device-readable buffers", c.head)
+            return None
+        if c.write_len < len(msg):
+            self._stats["rx_buffer_too_small"] += 1
+            self._rl.error("rxsmall", "to_guest: rx buffer of %d bytes cannot hold a %d-byte "
+                           "message; returned empty", c.write_len, len(msg))
+            return None
+        return q.write_chain(c, msg)

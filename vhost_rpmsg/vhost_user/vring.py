@@ -1,0 +1,123 @@
+"""A vhost-user ring: one virtqueue plus what vhost-user adds to it.
+
+The queue (:mod:`vhost_rpmsg.virtio.queue`) is pure virtio.  The :class:`Vring` owns the
+rest, as rust-vmm's ``VringState`` does: the kick, call and err eventfds the front-end
+sent, the ring state (:mod:`.ring_state`), and the eventfd writes that interrupt the guest
+or report an error.  Devices get Vrings: ``vring.queue`` to move buffers,
+``vring.notify()`` to interrupt, ``vring.ready`` to know whether they may.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from ..virtio.queue import Queue
+from .ring_state import Change, Event, Ring, RingState, transition
+
+log = logging.getLogger(__name__)
+
+
+def close_quietly(fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class Vring:
+    """One ring of a vhost-user device: a queue, its eventfds and its state."""
+
+    def __init__(self, queue: Queue, on_change: Callable[[Vring, Change], None]) -> None:
+        self.queue = queue
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.ring = Ring()
+        #: why the ring is BROKEN (None otherwise)
+        self.broken: str | None = None
+        self._on_change = on_change
+
+    @property
+    def index(self) -> int:
+        return self.queue.state.index
+
+    @property
+    def state(self) -> RingState:
+        return self.ring.state
+
+    @property
+    def ready(self) -> bool:
+        """Started and enabled (so mapped) and not broken: the device may use it."""
+        return self.ring.ready
+
+    def apply(self, event: Event, *, protocol_features: bool = False) -> Change | None:
+        """Move the ring on ``event``; the device hears of a change exactly once."""
+        self.ring, change = transition(self.ring, event, protocol_features=protocol_features)
+        if self.ring.state is not RingState.BROKEN:
+            self.broken = None
+        if change is not None:
+            self._on_change(self, change)
+        return change
+
+    def break_(self, why: str) -> None:
+        """The ring is inconsistent: stop using it and tell the front-end (err eventfd)."""
+        if not self.ring.started or self.ring.state is RingState.BROKEN:
+            return
+        log.error("queue %d broken: %s; stopped until the ring is set up again",
+                  self.index, why)
+        self.broken = why
+        self.signal_error()
+        self.apply(Event.BREAK)
+
+    # -- eventfds --------------------------------------------------------------------
+
+    def set_kick(self, fd: int | None) -> None:
+        close_quietly(self.kick_fd)
+        self.kick_fd = fd
+
+    def set_call(self, fd: int | None) -> None:
+        close_quietly(self.call_fd)
+        self.call_fd = fd
+
+    def set_err(self, fd: int | None) -> None:
+        close_quietly(self.err_fd)
+        self.err_fd = fd
+
+    def notify(self) -> bool:
+        """Interrupt the guest if it wants it; returns whether we did."""
+        stats = self.queue.state.stats
+        if not self.queue.need_notify():
+            stats.notifies_suppressed += 1
+            return False
+        fd = self.call_fd
+        if fd is None:
+            return False
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as e:
+            log.error("queue %d: call eventfd write failed: %s", self.index, e)
+            return False
+        stats.notifies += 1
+        return True
+
+    def signal_error(self) -> None:
+        if self.err_fd is not None:
+            try:
+                os.eventfd_write(self.err_fd, 1)
+            except OSError:
+                pass
+
+    def close_fds(self) -> None:
+        for fd in (self.kick_fd, self.call_fd, self.err_fd):
+            close_quietly(fd)
+        self.kick_fd = self.call_fd = self.err_fd = None
+
+    def reset(self) -> None:
+        """Back to a ring never set up: stopped (the device hears it), no fds, unmapped."""
+        self.apply(Event.RESET)
+        self.close_fds()
+        self.queue.state.reset()

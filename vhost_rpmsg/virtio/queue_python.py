@@ -1,0 +1,361 @@
+"""The reference ("python") engine: split-ring operations over numpy views of the rings.
+
+Readable first; the cffi engine (``queue_cffi.py``) must give exactly its results.  Every
+guest address is bounds checked through :class:`~vhost_rpmsg.virtio.memory.GuestMemory`,
+and every malformed chain comes back as a :class:`~.queue.Chain` with an ``error`` so the
+caller can count it and return the buffer.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from typing import ClassVar
+
+import numpy as np
+
+from .constants import (
+    DESC_SIZE,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+)
+from .memory import BadAddress, GuestMemory
+from .queue import (
+    Chain,
+    ChainError,
+    QueueBroken,
+    QueueState,
+    RawBatch,
+    stale_chain,
+    used_entries_array,
+    used_heads_array,
+    used_length,
+)
+
+_fence_lock = threading.Lock()
+_HDR_COLS: dict[int, np.ndarray] = {}
+
+
+def full_fence() -> None:
+    """A full memory barrier between our ring stores and loads.
+
+    Needed where a store must be visible before a load (used idx before reading
+    used_event; avail_event before re-reading avail idx).  Python has no fence
+    primitive; taking an uncontended lock executes a locked read-modify-write, which is
+    a full barrier on x86.  The cffi engine uses a real ``__atomic_thread_fence``.
+    """
+    with _fence_lock:
+        pass
+
+
+def split_headers(rb: RawBatch, size: int) -> np.ndarray:
+    """The first ``size`` bytes of every chain of ``rb``, zero-filled: (count, size) u8."""
+    n = rb.count
+    out = np.zeros((n, size), np.uint8)
+    if not n or not size:
+        return out
+    buf = np.frombuffer(rb.data, np.uint8)
+    cols = _HDR_COLS.get(size)
+    if cols is None:
+        cols = _HDR_COLS[size] = np.arange(size, dtype=np.int64)
+    full = rb.lengths >= size
+    if full.all():
+        return buf[rb.offsets[:, None] + cols]
+    for i in np.flatnonzero(~full).tolist():
+        o, k = int(rb.offsets[i]), int(rb.lengths[i])
+        out[i, :k] = buf[o : o + k]
+    if full.any():
+        out[full] = buf[rb.offsets[full][:, None] + cols]
+    return out
+
+
+class PythonQueue:
+    """The reference engine over one :class:`~.queue.QueueState`."""
+
+    name: ClassVar[str] = "python"
+
+    def __init__(self, state: QueueState) -> None:
+        self.state = state
+
+    # -- the guest's side of the ring -------------------------------------------
+
+    def avail_idx(self) -> int:
+        return int(self.state.avail[1])
+
+    def has_available(self) -> bool:
+        return self.state.mapped and self.avail_idx() != self.state.last_avail_idx
+
+    def pending(self) -> int:
+        """Chains the guest made available and we have not taken yet."""
+        n = (self.avail_idx() - self.state.last_avail_idx) & 0xFFFF
+        if n > self.state.size:
+            # More outstanding than the ring holds: the ring itself is corrupt.
+            raise QueueBroken(f"avail idx {self.avail_idx()} is {n} ahead of "
+                              f"{self.state.last_avail_idx}")
+        return n
+
+    # -- batch operations (the engine) -------------------------------------------
+
+    def pop_batch(self, max_chains: int) -> list[Chain]:
+        """Take up to ``max_chains`` available chains, each validated and translated."""
+        n = min(self.pending(), max_chains)
+        if n <= 0:
+            return []
+        full_fence()  # read ring entries only after the avail idx that covers them
+        avail = self.state.avail
+        size = self.state.size
+        mem = self.state.mem
+        assert mem is not None
+        generation = mem.generation  # before the walks: a change under them makes them stale
+        out = []
+        last = self.state.last_avail_idx
+        for _ in range(n):
+            head = int(avail[2 + (last % size)])
+            chain = self._walk(head, generation)
+            if not chain.ok:
+                self.state.stats.bad_chains += 1
+            out.append(chain)
+            last = (last + 1) & 0xFFFF
+        self.state.last_avail_idx = last
+        self.state.stats.popped += n
+        return out
+
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` chains popped and not used, in the avail ring.
+
+        They are simply seen again by the next pop: the driver does not touch an avail
+        entry until the device has used it.
+        """
+        if count:
+            self.state.last_avail_idx = (self.state.last_avail_idx - count) & 0xFFFF
+            self.state.stats.popped -= count
+
+    def _walk(self, head: int, generation: int) -> Chain:
+        chain = Chain(head, generation=generation)
+        size = self.state.size
+        if head >= size:
+            chain.error = ChainError.HEAD_OUT_OF_RANGE
+            return chain
+        mem = self.state.mem
+        assert mem is not None
+        table = self.state.desc
+        limit = size
+        idx = head
+        seen = 0
+        nested = False
+        while True:
+            seen += 1
+            if seen > limit:
+                chain.error = ChainError.LOOP
+                return chain
+            addr = table.item(2 * idx)
+            word = table.item(2 * idx + 1)
+            length = word & 0xFFFFFFFF
+            flags = (word >> 32) & 0xFFFF
+            nxt = word >> 48
+            if flags & VRING_DESC_F_INDIRECT:
+                if not self.state.indirect:
+                    chain.error = ChainError.INDIRECT_NOT_NEGOTIATED
+                    return chain
+                if nested:
+                    chain.error = ChainError.INDIRECT_NESTED
+                    return chain
+                if flags & VRING_DESC_F_NEXT:
+                    chain.error = ChainError.INDIRECT_WITH_NEXT
+                    return chain
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > size:
+                    # empty, ragged, or more descriptors than the queue holds
+                    chain.error = ChainError.INDIRECT_BAD_LEN
+                    return chain
+                try:
+                    r, off = mem.find_gpa(addr, length)
+                except BadAddress:
+                    chain.error = ChainError.ADDR_OUT_OF_BOUNDS
+                    return chain
+                table = mem.view(r, off, length).view("<u8")
+                limit = length // DESC_SIZE
+                idx = 0
+                seen = 0
+                nested = True
+                continue
+            if length:
+                try:
+                    r, off = mem.find_gpa(addr, length)
+                except BadAddress:
+                    chain.error = ChainError.ADDR_OUT_OF_BOUNDS
+                    return chain
+                if flags & VRING_DESC_F_WRITE:
+                    chain.writable.append((r, off, length))
+                    chain.write_len += length
+                else:
+                    if chain.writable:
+                        chain.error = ChainError.READABLE_AFTER_WRITABLE
+                        return chain
+                    chain.readable.append((r, off, length))
+                    chain.read_len += length
+            elif not flags & VRING_DESC_F_WRITE and chain.writable:
+                chain.error = ChainError.READABLE_AFTER_WRITABLE
+                return chain
+            if not flags & VRING_DESC_F_NEXT:
+                return chain
+            if nxt >= limit:
+                chain.error = ChainError.NEXT_OUT_OF_RANGE
+                return chain
+            idx = nxt
+
+    def pop_raw_batch(self, max_chains: int, limit: int) -> RawBatch:
+        """Take up to ``max_chains`` chains with up to ``limit`` readable bytes of each.
+
+        The array form of :meth:`pop_batch` + :meth:`read_chain` (see :class:`RawBatch`):
+        chains, stats and QueueBroken exactly as :meth:`pop_batch`; the payload of each
+        chain without error is ``read_chain(chain, limit)``.
+        """
+        max_chains = operator.index(max_chains)
+        limit = operator.index(limit)
+        chains = self.pop_batch(max_chains)
+        if not chains:
+            return RawBatch.empty()
+        payloads = [self.read_chain(c, limit) if c.ok else b"" for c in chains]
+        return RawBatch.from_chains(chains, payloads)
+
+    def push_batch(self, entries: list[tuple[int, int]] | np.ndarray) -> None:
+        """Publish (head, bytes written) pairs on the used ring, then the new used idx.
+
+        ``entries`` is a list of pairs or an (n, 2) array of them (uint32, or any integer
+        array whose values fit).
+        """
+        if isinstance(entries, np.ndarray):
+            arr = used_entries_array(entries)
+            if not len(arr):
+                return
+            entries = arr.tolist()
+        if not entries:
+            return
+        used32 = self.state.used32
+        size = self.state.size
+        idx = self.state.used_idx
+        for head, written in entries:
+            slot = 2 * (idx % size)
+            used32[slot] = head
+            used32[slot + 1] = written
+            idx = (idx + 1) & 0xFFFF
+        # x86 keeps stores in order; the idx store below is the publication point.
+        self.state.used16[1] = idx
+        self.state.used_idx = idx
+        self.state.stats.pushed += len(entries)
+
+    def push_used(self, heads: np.ndarray, length: int) -> None:
+        """Publish every head of ``heads`` (a uint32 array) with the same used ``length``.
+
+        The same ring, idx and stats as ``push_batch([(h, length) for h in heads])``; heads
+        and length are checked before anything is written.
+        """
+        h = used_heads_array(heads)
+        written = used_length(length)
+        n = len(h)
+        if not n:
+            return
+        size = self.state.size
+        used32 = self.state.used32
+        if not size or used32.size < 2 * size:
+            raise RuntimeError(f"queue {self.state.index}: used ring not mapped")
+        idx = self.state.used_idx
+        k = min(n, size)  # with more than size entries, only the last size ones remain
+        slots = np.arange(idx + n - k, idx + n) % size
+        pairs = used32.reshape(size, 2)
+        pairs[slots, 0] = h[n - k :]
+        pairs[slots, 1] = written
+        idx = (idx + n) & 0xFFFF
+        self.state.used16[1] = idx  # the publication point, after the elements
+        self.state.used_idx = idx
+        self.state.stats.pushed += n
+
+    def need_notify(self) -> bool:
+        """Whether the guest asked to be interrupted for what we pushed since last time."""
+        full_fence()  # our used idx store must be visible before we read its wishes
+        new, old = self.state.used_idx, self.state.signalled_used
+        self.state.signalled_used = new
+        if new == old:
+            return False
+        if self.state.event_idx:
+            event = int(self.state.avail[2 + self.state.size])
+            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not int(self.state.avail[0]) & VRING_AVAIL_F_NO_INTERRUPT
+
+    def disable_kicks(self) -> None:
+        """Tell the guest not to kick while we are draining the ring anyway."""
+        if not self.state.event_idx:
+            self.state.used16[0] = VRING_USED_F_NO_NOTIFY
+
+    def enable_kicks(self) -> bool:
+        """Ask for a kick on the next buffer; True if buffers raced in meanwhile."""
+        if self.state.event_idx:
+            self.state.used16[2 + 4 * self.state.size] = self.state.last_avail_idx
+        else:
+            self.state.used16[0] = 0
+        full_fence()  # publish our wish before re-reading avail idx
+        return self.avail_idx() != self.state.last_avail_idx
+
+    def split_headers(self, rb: RawBatch, size: int) -> np.ndarray:
+        """The first ``size`` bytes of every chain of ``rb``, zero-filled: (count, size) u8."""
+        return split_headers(rb, size)
+
+    # -- payload copies ------------------------------------------------------------
+
+    def _copy_memory(self, chain: Chain, offset: int) -> GuestMemory:
+        """The memory to copy ``chain``'s buffers with: checks offset and generation."""
+        mem = self.state.mem
+        assert mem is not None
+        if offset < 0:
+            raise ValueError(f"offset {offset} is negative")
+        if chain.generation != mem.generation:
+            raise stale_chain(chain, mem.generation)
+        return mem
+
+    def read_chain(self, chain: Chain, limit: int | None = None, offset: int = 0) -> bytes:
+        """Up to ``limit`` device-readable bytes of ``chain``, starting ``offset`` bytes in.
+
+        ValueError for a negative ``offset``; :class:`StaleChain` if the memory table
+        changed since ``chain`` was popped.
+        """
+        mem = self._copy_memory(chain, offset)
+        want = chain.read_len - offset if limit is None else min(limit, chain.read_len - offset)
+        parts = []
+        for r, off, length in chain.readable:
+            if want <= 0:
+                break
+            if offset >= length:
+                offset -= length
+                continue
+            take = min(length - offset, want)
+            parts.append(mem.regions[r].mv[off + offset : off + offset + take])
+            offset = 0
+            want -= take
+        return b"".join(parts)
+
+    def write_chain(self, chain: Chain, data: bytes | bytearray | memoryview,
+                    offset: int = 0) -> int:
+        """Copy ``data`` into the writable buffers of ``chain`` from ``offset`` on.
+
+        Returns the bytes written (less than ``len(data)`` if the chain is shorter).
+        ValueError for a negative ``offset``; :class:`StaleChain` if the memory table
+        changed since ``chain`` was popped.
+        """
+        mem = self._copy_memory(chain, offset)
+        src = memoryview(data)
+        pos = 0
+        total = len(src)
+        for r, off, length in chain.writable:
+            if pos >= total:
+                break
+            if offset >= length:
+                offset -= length
+                continue
+            take = min(length - offset, total - pos)
+            mem.regions[r].mv[off + offset : off + offset + take] = src[pos : pos + take]
+            offset = 0
+            pos += take
+        return pos

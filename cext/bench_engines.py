@@ -1,11 +1,10 @@
 """Micro-benchmark of the ring engines on the rpmsg to_host hot path.
 
 A simulated guest (DriverRing) posts batches of one-descriptor chains, each an rpmsg
-message (16-byte header + payload); the device side is timed, in one of three modes:
+message (16-byte header + payload); the device side is timed, in one of two modes:
 
-* ``read_chain``: pop_batch(64), read_chain of each chain, push_batch of all, notify;
-* ``pop_read_batch``: the chains and their payloads in one call (cffi only), then
-  push_batch, notify;
+* ``read_chain``: pop_batch(64), read_chain of each chain, push_batch of all, then the
+  ring's notify (need_notify, and the notify stats; no call eventfd is set);
 * ``raw``: pop_raw_batch(64) (arrays, no object per chain), push_used of the returnable
   heads, need_notify.
 
@@ -17,7 +16,8 @@ only for the collections its own allocations cause.
     PYTHONPATH=. python cext/bench_engines.py [--batches 3000] [--payload 16] [--mode raw]
         [--isolate-gc]
 
-(PYTHONPATH=. makes the work tree win over any other installed copy.)
+(PYTHONPATH=. makes the work tree win over any other installed copy; the queue is set up
+by the tests' helper, ``tests/helpers.py``, so run it from the work tree.)
 """
 
 from __future__ import annotations
@@ -33,37 +33,35 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vhost_rpmsg.engines import available_engines, queue_factory
+from tests.helpers import setup_queue
 from vhost_rpmsg.guest.ring import DriverRing, RingLayout
-from vhost_rpmsg.memory import GuestMemory
-from vhost_rpmsg.vhost_user.codec import MemoryRegion
-from vhost_rpmsg.virtqueue import Chain, SplitQueue
+from vhost_rpmsg.vhost_user.ring_state import Event
+from vhost_rpmsg.vhost_user.vring import Vring
+from vhost_rpmsg.virtio.engines import available_engines, queue_factory
+from vhost_rpmsg.virtio.memory import GuestMemory, RegionSpec
+from vhost_rpmsg.virtio.queue import Chain
 
-UVA = 0x7F00_0000_0000
 MEM = 1 << 20
 BATCH = 64
 QSIZE = 256
 BUFS = 0x10000
-MODES = ("read_chain", "pop_read_batch", "raw")
+MODES = ("read_chain", "raw")
 
 
-def _setup(engine: str) -> tuple[SplitQueue, DriverRing, GuestMemory, np.ndarray]:
+def _setup(engine: str) -> tuple[Vring, DriverRing, GuestMemory, np.ndarray]:
+    """A started ring of ``engine`` (event idx, indirect) and the guest's side of it."""
     fd = os.memfd_create("bench", os.MFD_CLOEXEC)
     os.ftruncate(fd, MEM)
     guest = np.frombuffer(mmap.mmap(fd, MEM), np.uint8)
     gm = GuestMemory()
-    gm.set_table([MemoryRegion(0, MEM, UVA, 0)], [fd])
+    gm.set_table([RegionSpec(0, MEM, 0, fd)])
     os.close(fd)
     layout = RingLayout(0, QSIZE)
     drv = DriverRing(guest, layout, event_idx=True)
-    q = queue_factory(engine)(0, 1024)
-    q.set_size(QSIZE)
-    q.set_addresses(UVA + layout.desc, UVA + layout.avail, UVA + layout.used)
-    q.event_idx = True
-    q.indirect = True
-    q.map(gm)
-    q.started = q.enabled = True
-    return q, drv, gm, guest
+    q = setup_queue(queue_factory(engine), gm, layout, event_idx=True, indirect=True)
+    vr = Vring(q, lambda vr, change: None)
+    vr.apply(Event.START)
+    return vr, drv, gm, guest
 
 
 def _post(drv: DriverRing, guest: np.ndarray, msg_len: int) -> None:
@@ -74,7 +72,8 @@ def _post(drv: DriverRing, guest: np.ndarray, msg_len: int) -> None:
 
 def run(engine: str, batches: int, payload: int, mode: str, isolate_gc: bool = False) -> float:
     """Chains per second of the device side."""
-    q, drv, gm, guest = _setup(engine)
+    vr, drv, gm, guest = _setup(engine)
+    q = vr.queue
     msg_len = 16 + payload
     for k in range(BATCH):
         hdr = struct.pack("<IIIHH", 1024 + k, 0x35, 0, payload, 0)
@@ -96,16 +95,10 @@ def run(engine: str, batches: int, payload: int, mode: str, isolate_gc: bool = F
             chains: list[Chain] = q.pop_batch(BATCH)
             data = [q.read_chain(c, 16 + 0xFFFF) for c in chains]
             q.push_batch([(c.head, 0) for c in chains if c.returnable])
-            q.notify()
+            vr.notify()
             return len(data)
     else:
-        pop_read = q.pop_read_batch  # type: ignore[attr-defined]
-
-        def device() -> int:
-            chains, data = pop_read(BATCH, 16 + 0xFFFF)
-            q.push_batch([(c.head, 0) for c in chains if c.returnable])
-            q.notify()
-            return len(data)
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
 
     spent = 0.0
     done = 0
@@ -118,7 +111,7 @@ def run(engine: str, batches: int, payload: int, mode: str, isolate_gc: bool = F
         spent += time.perf_counter() - t0
         drv.get_used()
     assert done == batches * BATCH, done
-    q.unmap()
+    q.state.unmap()
     gm.clear()
     return done / spent
 
@@ -135,7 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     cases = [("python", "read_chain"), ("python", "raw")]
     if "cffi" in available_engines():
-        cases += [("cffi", "read_chain"), ("cffi", "pop_read_batch"), ("cffi", "raw")]
+        cases += [("cffi", "read_chain"), ("cffi", "raw")]
     if args.mode != "all":
         cases = [c for c in cases if c[1] == args.mode]
     print(f"{BATCH}-chain batches of {16 + args.payload}-byte rpmsg messages "

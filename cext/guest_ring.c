@@ -13,69 +13,22 @@
 #include <string.h>
 #include <unistd.h>
 
-#define DESC_SIZE 16u
-#define F_WRITE 2u
-#define USED_F_NO_NOTIFY 1u
-#define AVAIL_F_NO_INTERRUPT 1u
-#define MAX_SIZE 32768u
+#include "ring_primitives.h"
 
-#include "le.h"
-
-/* Ring fields are naturally aligned (gr_ring_ok checks), so these are single accesses. */
-
-static inline uint16_t ld16(const uint8_t *p)
-{
-    return LE16(__atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED));
-}
-
-static inline uint16_t ld16_acquire(const uint8_t *p)
-{
-    return LE16(__atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_ACQUIRE));
-}
-
-static inline uint32_t ld32(const uint8_t *p)
-{
-    return LE32(__atomic_load_n((const uint32_t *)(const void *)p, __ATOMIC_RELAXED));
-}
-
-static inline void st16(uint8_t *p, uint16_t v)
-{
-    __atomic_store_n((uint16_t *)(void *)p, LE16(v), __ATOMIC_RELAXED);
-}
-
-static inline void st16_release(uint8_t *p, uint16_t v)
-{
-    __atomic_store_n((uint16_t *)(void *)p, LE16(v), __ATOMIC_RELEASE);
-}
-
-static inline void st64(uint8_t *p, uint64_t v)
-{
-    __atomic_store_n((uint64_t *)(void *)p, LE64(v), __ATOMIC_RELAXED);
-}
-
-/* [off, off + len) lies inside [0, size), without overflow. */
-static inline int inside(uint64_t off, uint64_t len, uint64_t size)
-{
-    return off <= size && len <= size - off;
-}
+/* Ring fields are naturally aligned (gr_ring_ok checks): every ring access of the
+   primitives takes their single-access atomic branch. */
 
 /* The ring's three parts lie inside guest RAM, naturally aligned (as RingLayout makes). */
 static int gr_ring_ok(const gr_ring *r)
 {
     uint64_t n = r->size;
-    if (r->ram == NULL || n == 0 || n > MAX_SIZE)
+    if (r->ram == NULL || n == 0 || n > RING_MAX_SIZE)
         return 0;
     if ((r->desc & 15u) || (r->avail & 1u) || (r->used & 3u))
         return 0;
-    return inside(r->desc, DESC_SIZE * n, r->ram_size)
-        && inside(r->avail, 6 + 2 * n, r->ram_size)
-        && inside(r->used, 6 + 8 * n, r->ram_size);
-}
-
-/* The virtio event-index test (ring.need_event). */
-static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx)
-{
-    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
+    return range_ok(r->desc, DESC_SIZE * n, r->ram_size)
+        && range_ok(r->avail, 6 + 2 * n, r->ram_size)
+        && range_ok(r->used, 6 + 8 * n, r->ram_size);
 }
 
 /* DriverRing.write_desc for a one-descriptor chain: addr, len | flags << 32, next 0. */
@@ -117,7 +70,7 @@ int gr_publish(const gr_ring *r, uint16_t old_idx, uint16_t new_idx)
         return GR_ERR_RING;
     const uint8_t *used = r->ram + r->used;
     st16_release(r->ram + r->avail + 2, new_idx); /* ring entries and buffers first */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);      /* the idx before reading their wishes */
+    full_fence();                                 /* the idx before reading their wishes */
     if (old_idx == new_idx)
         return 0;
     if (r->event_idx)
@@ -134,7 +87,7 @@ int gr_enable_interrupts(const gr_ring *r, uint16_t last_used)
         st16(avail + 4 + 2 * (uint64_t)r->size, last_used); /* used_event */
     else
         st16(avail, 0);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the wish before re-reading the used idx */
+    full_fence(); /* the wish before re-reading the used idx */
     return ld16(r->ram + r->used + 2) != last_used;
 }
 
@@ -167,7 +120,7 @@ int gr_tx_load(const gr_ring *r, gr_tx *t, uint32_t m, const uint32_t *keys,
         if (t->free[i] >= size)
             return GR_ERR_RANGE;
     for (uint32_t i = 0; i < t->nbufs; i++)
-        if (!inside(t->bufs[i], GR_BUF_SIZE, r->ram_size))
+        if (!range_ok(t->bufs[i], GR_BUF_SIZE, r->ram_size))
             return GR_ERR_RANGE;
     for (uint32_t i = 0; i < m; i++)
         if (keys[i] >= size || lens[i] == 0 || lens[i] > 0xFFFFu)
@@ -175,7 +128,7 @@ int gr_tx_load(const gr_ring *r, gr_tx *t, uint32_t m, const uint32_t *keys,
     for (uint32_t i = 0; i < mi; i++) {
         if (ikeys[i] >= size || gpas[i] == GR_TX_ABSENT)
             return GR_ERR_RANGE;
-        if (gpas[i] >= 0 && !inside((uint64_t)gpas[i], GR_BUF_SIZE, r->ram_size))
+        if (gpas[i] >= 0 && !range_ok((uint64_t)gpas[i], GR_BUF_SIZE, r->ram_size))
             return GR_ERR_RANGE;
     }
     memset(t->chain_len, 0, sizeof(uint32_t) * size);
@@ -307,7 +260,7 @@ static int tx_fill(const gr_ring *r, gr_tx *t, uint32_t batch)
         return GR_TX_PY_FILL;
     }
     for (uint32_t k = 0; k < batch; k++) {
-        if (!inside(t->bufs[t->nbufs - 1 - k], t->len, r->ram_size)
+        if (!range_ok(t->bufs[t->nbufs - 1 - k], t->len, r->ram_size)
             || t->free[t->nfree - 1 - k] >= r->size) {
             t->batch = batch;
             return GR_TX_PY_FILL;
@@ -400,7 +353,7 @@ int gr_rx_process(const gr_ring *r, gr_rx *x)
     uint32_t n = x->n;
     /* Check everything first, so that an error stores nothing. */
     for (uint32_t i = 0; i < n; i++)
-        if (!inside(x->gpas[i], GR_BUF_SIZE, r->ram_size))
+        if (!range_ok(x->gpas[i], GR_BUF_SIZE, r->ram_size))
             return GR_ERR_RANGE;
     if (x->nstack < n)
         return GR_ERR_RANGE; /* room for a re-post of every entry */
@@ -422,12 +375,8 @@ int gr_rx_process(const gr_ring *r, gr_rx *x)
             uint8_t hdr[GR_HDR_SIZE];
             memcpy(hdr, r->ram + gpa, GR_HDR_SIZE);
             __asm__ __volatile__("" : : "r"(hdr) : "memory"); /* no re-fetch from RAM */
-            uint32_t dst;
-            uint16_t hlen;
-            memcpy(&dst, hdr + 4, 4);
-            memcpy(&hlen, hdr + 12, 2);
-            dst = LE32(dst);
-            hlen = LE16(hlen);
+            uint32_t dst = get_le32(hdr + 4);
+            uint16_t hlen = get_le16(hdr + 12);
             int c = -1;
             if (hlen <= length - GR_HDR_SIZE) {
                 for (uint32_t k = 0; k < x->ncounters; k++) {

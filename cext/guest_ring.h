@@ -27,6 +27,14 @@
 
 #include <stdint.h>
 
+/*
+ * The public API, from the cffi:begin line to the cffi:end line, is the cdef of
+ * _vhost_rpmsg_guest: cext/build_guest.py hands that text to ffi.cdef as it is, so it holds
+ * only what cffi's cdef parses (#define NAME <integer literal>, typedef structs,
+ * prototypes, comments).  tests/test_cext.py checks that the module and it agree.
+ */
+/* cffi:begin */
+
 #define GR_BUF_SIZE 512u /* every buffer the Linux driver posts */
 #define GR_HDR_SIZE 16u  /* struct rpmsg_hdr */
 
@@ -149,9 +157,8 @@ typedef struct gr_tx {
  * < size, every length 1..65535, every buffer (free or held) inside guest RAM with room
  * for GR_BUF_SIZE bytes, no key repeated, and that the capacities hold what the burst
  * can give back.  0, or GR_ERR_RANGE / GR_ERR_RING (the C copy is then unusable: Python
- * keeps its own).
+ * keeps its own).  GR_TX_ABSENT: see below the cdef section.
  */
-#define GR_TX_ABSENT INT64_MIN
 int gr_tx_load(const gr_ring *r, gr_tx *t, uint32_t m, const uint32_t *keys,
                const uint32_t *lens, uint32_t mi, const uint32_t *ikeys, const int64_t *gpas);
 
@@ -209,5 +216,10 @@ typedef struct gr_rx {
 } gr_rx;
 
 int gr_rx_process(const gr_ring *r, gr_rx *x);
+
+/* cffi:end */
+
+/* gr_tx.inflight[head] for "not a key" (C only: a cdef #define takes integer literals). */
+#define GR_TX_ABSENT INT64_MIN
 
 #endif /* VHOST_RPMSG_GUEST_RING_H */

@@ -440,10 +440,30 @@ int64_t vr_scatter(const vr_region *regions, uint32_t nregions, const uint64_t *
 }
 
 
-static inline uint32_t vr_le32(const uint8_t *p)
+/* -- header gathers --------------------------------------------------------------------- */
+
+int64_t vr_split_headers(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
+                         const int64_t *lengths, uint64_t count, uint32_t hdr_size,
+                         uint8_t *out)
 {
-	return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
-	       ((uint32_t)p[3] << 24);
+    /* Every range first, so that a bad one leaves out untouched. */
+    if (hdr_size && count > SIZE_MAX / hdr_size)
+        return -1;
+    for (uint64_t i = 0; i < count; i++) {
+        const int64_t off = offsets[i], len = lengths[i];
+        if (off < 0 || len < 0 || !range_ok((uint64_t)off, (uint64_t)len, data_len))
+            return -1;
+    }
+    for (uint64_t i = 0; i < count; i++) {
+        const uint64_t len = (uint64_t)lengths[i];
+        const size_t take = len < hdr_size ? (size_t)len : hdr_size;
+        uint8_t *o = out + (size_t)i * hdr_size;
+        if (take)
+            memcpy(o, data + offsets[i], take);
+        if (take < hdr_size)
+            memset(o + take, 0, hdr_size - take);
+    }
+    return 0;
 }
 
 int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
@@ -467,14 +487,14 @@ int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *of
 			continue;
 		}
 		const uint8_t *h = data + off;
-		int64_t payload = (int64_t)((uint32_t)h[12] | ((uint32_t)h[13] << 8));
+		int64_t payload = (int64_t)get_le16(h + 12);
 		if (payload > len - 16) {
 			bad_idx[bad] = i;
 			bad_why[bad++] = VR_MSG_TOO_LONG;
 			continue;
 		}
-		src[good] = vr_le32(h);
-		dst[good] = vr_le32(h + 4);
+		src[good] = get_le32(h);
+		dst[good] = get_le32(h + 4);
 		if (good && dst[good] != dst[0])
 			same = 0;
 		poff[good] = off + 16;

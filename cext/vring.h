@@ -17,6 +17,14 @@
 
 #include <stdint.h>
 
+/*
+ * The public API, from the cffi:begin line to the cffi:end line, is the cdef of
+ * _vhost_rpmsg_vring: cext/build_vring.py hands that text to ffi.cdef as it is, so it holds
+ * only what cffi's cdef parses (#define NAME <integer literal>, typedef structs,
+ * prototypes, comments).  tests/test_cext.py checks that the module and it agree.
+ */
+/* cffi:begin */
+
 /* Chain errors: the values of vhost_rpmsg.virtqueue.ChainError. */
 #define VR_CHAIN_OK                      0
 #define VR_CHAIN_HEAD_OUT_OF_RANGE       1
@@ -247,5 +255,20 @@ int64_t vr_scatter(const vr_region *regions, uint32_t nregions, const uint64_t *
 #define VR_MSG_TOO_LONG 2
 int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
                        const int64_t *lengths, const uint8_t *skip, int64_t n, int64_t *out);
+
+/*
+ * Gather the first hdr_size bytes of each of count chains packed into data (as vr_pop_raw
+ * packs them): chain i is data[offsets[i], offsets[i] + lengths[i]), and its first
+ * min(hdr_size, lengths[i]) bytes go to out[i * hdr_size, ...), the rest of its hdr_size
+ * bytes zero-filled.  out holds count * hdr_size bytes.  Knows nothing of the headers.
+ * Returns 0, or -1 having written nothing when an offset or length is negative or a
+ * chain does not lie wholly inside data_len bytes (every pair is checked first, without
+ * overflow), or count * hdr_size does not fit a size_t.
+ */
+int64_t vr_split_headers(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
+                         const int64_t *lengths, uint64_t count, uint32_t hdr_size,
+                         uint8_t *out);
+
+/* cffi:end */
 
 #endif /* VHOST_RPMSG_VRING_H */

@@ -12,15 +12,22 @@ import pytest
 from vhost_rpmsg.endpoints import Echo, Sink
 from vhost_rpmsg.guest.frontend import Frontend, FrontendError, GuestRam
 from vhost_rpmsg.guest.rpmsg_guest import SimGuest
+from vhost_rpmsg.rpmsg.device import RpmsgDevice
 from vhost_rpmsg.vhost_user import codec
 from vhost_rpmsg.vhost_user.codec import MemoryRegion, VringAddr
 from vhost_rpmsg.vhost_user.protocol import ProtocolFeature, Request
-from vhost_rpmsg.virtio.constants import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from vhost_rpmsg.vhost_user.ring_state import RingState
+from vhost_rpmsg.virtio.constants import (
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+)
 
-from .conftest import Running
+from .conftest import Running, Serve
 from .helpers import wait_until
 
 PF = ProtocolFeature
+EchoServer = Running[RpmsgDevice]  # what the echo_server fixture serves
 TAIL = 1 << 16  # guest RAM left out of the memory table, filled with a canary
 
 
@@ -38,7 +45,7 @@ def _next_guest_works(r: Running) -> None:
 
 
 @pytest.fixture
-def echo_server(serve):  # type: ignore[no-untyped-def]
+def echo_server(serve: Serve) -> EchoServer:
     return serve([Echo(1024), Sink(1025)])
 
 
@@ -56,7 +63,7 @@ def _raw(r: Running) -> socket.socket:
     (1).to_bytes(4, "little") + (0).to_bytes(4, "little") + bytes(4),  # version 0
     os.urandom(64),
 ], ids=["short-header", "short-payload", "oversized", "bad-version", "random"])
-def test_garbage_stream_drops_the_connection_only(echo_server: Running, junk: bytes) -> None:
+def test_garbage_stream_drops_the_connection_only(echo_server: EchoServer, junk: bytes) -> None:
     before = echo_server.counters().get("connections", 0)
     s = _raw(echo_server)
     s.sendall(junk)
@@ -70,7 +77,7 @@ def test_garbage_stream_drops_the_connection_only(echo_server: Running, junk: by
     _next_guest_works(echo_server)
 
 
-def test_second_front_end_is_refused_while_one_is_connected(echo_server: Running) -> None:
+def test_second_front_end_is_refused_while_one_is_connected(echo_server: EchoServer) -> None:
     with SimGuest(echo_server.path):
         s = _raw(echo_server)
         assert s.recv(10) == b""  # closed at once
@@ -79,7 +86,7 @@ def test_second_front_end_is_refused_while_one_is_connected(echo_server: Running
     _next_guest_works(echo_server)
 
 
-def test_wrong_fd_counts_fail_cleanly_and_leak_nothing(echo_server: Running) -> None:
+def test_wrong_fd_counts_fail_cleanly_and_leak_nothing(echo_server: EchoServer) -> None:
     ram = GuestRam(1 << 20)
     fe = Frontend(echo_server.path, ram)
     fe.negotiate((1 << PF.MQ) | (1 << PF.REPLY_ACK))
@@ -112,7 +119,7 @@ def test_wrong_fd_counts_fail_cleanly_and_leak_nothing(echo_server: Running) -> 
     _next_guest_works(echo_server)
 
 
-def test_ring_outside_guest_memory_is_refused(echo_server: Running) -> None:
+def test_ring_outside_guest_memory_is_refused(echo_server: EchoServer) -> None:
     ram = GuestRam(1 << 20)
     fe = Frontend(echo_server.path, ram)
     fe.negotiate((1 << PF.MQ) | (1 << PF.REPLY_ACK))
@@ -146,7 +153,7 @@ def _canary(g: SimGuest) -> np.ndarray:
     "outside", "straddles", "loop", "longer_than_ring", "indirect_in_indirect",
     "zero_length", "wrong_direction", "too_short_for_header",
 ])
-def test_hostile_tx_chains(echo_server: Running, chain: str) -> None:
+def test_hostile_tx_chains(echo_server: EchoServer, chain: str) -> None:
     g = echo_server.guest(hidden_tail=TAIL).start()
     assert g.ram is not None
     canary = _canary(g)
@@ -197,7 +204,7 @@ def test_hostile_tx_chains(echo_server: Running, chain: str) -> None:
 
 
 @pytest.mark.parametrize("chain", ["outside", "readable", "too_small"])
-def test_hostile_rx_chains_are_returned_and_skipped(echo_server: Running, chain: str) -> None:
+def test_hostile_rx_chains_are_returned_and_skipped(echo_server: EchoServer, chain: str) -> None:
     g = echo_server.guest(hidden_tail=TAIL, queue_size=8).start()
     assert g.ram is not None
     canary = _canary(g)
@@ -226,7 +233,7 @@ def test_hostile_rx_chains_are_returned_and_skipped(echo_server: Running, chain:
     g.close()
 
 
-def test_disconnect_mid_stream_then_next_guest(echo_server: Running) -> None:
+def test_disconnect_mid_stream_then_next_guest(echo_server: EchoServer) -> None:
     g = echo_server.guest().start()
     for i in range(200):
         g.send(4000, 1025, b"z" * (i % 100))
@@ -235,7 +242,7 @@ def test_disconnect_mid_stream_then_next_guest(echo_server: Running) -> None:
     assert echo_server.counters()["connections"] == 2
 
 
-def test_avail_index_jump_breaks_only_that_ring(echo_server: Running) -> None:
+def test_avail_index_jump_breaks_only_that_ring(echo_server: EchoServer) -> None:
     g = echo_server.guest().start()
     ring = g.rings[1]
     with g._tx_lock:

@@ -201,6 +201,7 @@ class Engines:
         self.queues = queues
         self.cffi = cf  # for its scratch
         self.vrings = [started_vring(q) for q in queues]
+        self.last: tuple[Outcome, Outcome] = (("ok", None), ("ok", None))  # of run_rings
 
     def run_rings(self, fn: Callable[[Vring], Any]) -> tuple[Outcome, Outcome]:
         """``fn`` on each ring; a QueueBroken breaks the ring it came from, as a device does."""
@@ -210,7 +211,8 @@ class Engines:
             if res[0] == "raise" and res[1] is QueueBroken:
                 vr.break_(res[2])
             out.append(res)
-        return out[0], out[1]
+        self.last = out[0], out[1]
+        return self.last
 
     def run(self, fn: Callable[[Queue], Any]) -> tuple[Outcome, Outcome]:
         return self.run_rings(lambda vr: fn(vr.queue))
@@ -410,7 +412,7 @@ class Pair(Engines):
             queue_on(engine, mem, self.size, base, event_idx=event_idx, indirect=indirect)
             for engine, mem in zip(both_engines(), self.mems, strict=True)])
         if tiny:  # make every batch outgrow its arrays: the NEED_SEGS / NEED_DATA paths
-            self.cffi._batch = queue_cffi._Batch(chains=1, segs=1, data=1)
+            self.cffi._batch = queue_cffi._Batch(chains=1, segs=1)
             self.cffi._raw = queue_cffi._Raw(segs=1, data=1)
         self.chains: list[Chain] = []
         self.raw_heads: list[int] = []  # returnable heads taken by raw pops
@@ -438,7 +440,7 @@ class Pair(Engines):
         return self.both_rings(what, lambda vr: fn(vr.queue))
 
     def both_rings(self, what: str, fn: Callable[[Vring], Any]) -> Any:
-        py, cf = self.last = self.run_rings(fn)
+        py, cf = self.run_rings(fn)
         assert agree(py, cf), f"{what}: python {py!r} != cffi {cf!r}"
         self.check_state(what)
         if py[0] == "raise":
@@ -495,7 +497,7 @@ class Pair(Engines):
         elif op == "popread":  # each chain read as soon as it is popped
             n = rng.choice([1, 4, 64, self.size])
             limit = rng.choice([0, 1, 16, 100, 64 * KB + 15, 1 << 70, -1])
-            self.note(self.both(f"pop_batch({n}) + read_chain(, {limit})",
+            self.note(self.both(f"pop_batch({n}) + read_chain(each, {limit})",
                                 lambda q: pop_and_read(q, n, limit)))
         elif op == "popraw":
             n = rng.choice([1, 4, 64, self.size, self.size + 3, 0, -1, 1 << 40])
@@ -1002,7 +1004,7 @@ def test_split_headers_identically(limit: int) -> None:
 @needs_cffi
 def test_split_headers_of_full_and_made_up_batches() -> None:
     """Every chain at least as long as the header (one gather), and hand-made batches."""
-    duo = Duo(size=8)
+    duo = Duo(size=16)
 
     def fill(d: DriverRing, m: Mem) -> None:
         for i in range(6):
@@ -1032,6 +1034,7 @@ def test_pop_raw_batch_limits_and_partial_batches() -> None:
     duo = Duo(size=8)
     for rounds in range(6):
         k = rounds + 1
+
         def post(d: DriverRing, m: Mem, k: int = k) -> None:
             for j in range(k):
                 d.add([(BUF + 64 * j, 16 + j, 0)])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from vhost_rpmsg.guest.frontend import Frontend, FrontendError, GuestRam
 from vhost_rpmsg.guest.rpmsg_guest import QEMU_PROTOCOL_FEATURES, SimGuest
 from vhost_rpmsg.vhost_user import codec
+from vhost_rpmsg.vhost_user.codec import Message
 from vhost_rpmsg.vhost_user.protocol import (
+    MAX_MEM_SLOTS,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ProtocolFeature,
     Request,
@@ -19,7 +23,7 @@ from vhost_rpmsg.virtio.constants import (
     VIRTIO_RPMSG_F_NS,
 )
 
-from .conftest import Running
+from .conftest import Running, Serve
 from .helpers import wait_until
 
 PF = ProtocolFeature
@@ -32,7 +36,7 @@ def _fe(r: Running, protocol: int = QEMU_PROTOCOL_FEATURES) -> tuple[Frontend, G
     return fe, ram
 
 
-def test_negotiation_replies(serve) -> None:  # type: ignore[no-untyped-def]
+def test_negotiation_replies(serve: Serve) -> None:
     r = serve()
     fe, ram = _fe(r)
     f = fe.backend_features
@@ -43,7 +47,8 @@ def test_negotiation_replies(serve) -> None:  # type: ignore[no-untyped-def]
     for feat in (PF.MQ, PF.REPLY_ACK, PF.CONFIGURE_MEM_SLOTS, PF.STATUS, PF.RESET_DEVICE):
         assert fe.has(feat), feat
     assert not fe.has(PF.CONFIG)  # no config space to offer
-    assert fe.get_u64(Request.GET_MAX_MEM_SLOTS) >= 8
+    # as many as its memory table holds (QEMU wants at least 8)
+    assert fe.get_u64(Request.GET_MAX_MEM_SLOTS) == MAX_MEM_SLOTS
     # config space: an rpmsg device has none; a read returns the window asked for
     body = fe.request(Request.GET_CONFIG, codec.encode_config(0, bytes(8)))
     assert body == codec.encode_config(0, bytes(8))
@@ -66,7 +71,7 @@ def test_negotiation_replies(serve) -> None:  # type: ignore[no-untyped-def]
     (1 << PF.MQ),  # no REPLY_ACK
     0,  # protocol features offered but none taken
 ], ids=["mem-slots", "qemu-11-default", "no-reply-ack", "bare"])
-def test_guest_starts_with_each_feature_set(serve, protocol: int) -> None:  # type: ignore[no-untyped-def]
+def test_guest_starts_with_each_feature_set(serve: Serve, protocol: int) -> None:
     r = serve()
     g = r.guest(protocol_features=protocol).start()
     wait_until(lambda: r.device.guest_ready)
@@ -77,7 +82,7 @@ def test_guest_starts_with_each_feature_set(serve, protocol: int) -> None:  # ty
     wait_until(lambda: not r.device.guest_ready)
 
 
-def test_rings_wait_for_enable_when_protocol_features_negotiated(serve) -> None:  # type: ignore[no-untyped-def]
+def test_rings_wait_for_enable_when_protocol_features_negotiated(serve: Serve) -> None:
     r = serve()
     backend_seen = []
 
@@ -98,7 +103,7 @@ def test_rings_wait_for_enable_when_protocol_features_negotiated(serve) -> None:
     g.close()
 
 
-def test_get_vring_base_returns_next_avail_and_keeps_state(serve) -> None:  # type: ignore[no-untyped-def]
+def test_get_vring_base_returns_next_avail_and_keeps_state(serve: Serve) -> None:
     from vhost_rpmsg.endpoints import Sink
 
     sink = Sink(1024)
@@ -120,7 +125,7 @@ def test_get_vring_base_returns_next_avail_and_keeps_state(serve) -> None:  # ty
     g.disconnect()
 
 
-def test_reset_device_stops_rings_and_ends_the_session(serve) -> None:  # type: ignore[no-untyped-def]
+def test_reset_device_stops_rings_and_ends_the_session(serve: Serve) -> None:
     r = serve()
     g = r.guest().start()
     wait_until(lambda: r.device.guest_ready)
@@ -132,7 +137,7 @@ def test_reset_device_stops_rings_and_ends_the_session(serve) -> None:  # type: 
     g.disconnect()
 
 
-def test_rem_mem_reg_unmaps_and_rings_stop(serve) -> None:  # type: ignore[no-untyped-def]
+def test_rem_mem_reg_unmaps_and_rings_stop(serve: Serve) -> None:
     r = serve()
     g = r.guest().start()
     assert g.fe is not None and g.ram is not None
@@ -146,7 +151,8 @@ def test_rem_mem_reg_unmaps_and_rings_stop(serve) -> None:  # type: ignore[no-un
     g.disconnect()
 
 
-def test_order_of_requests_matches_qemu(serve) -> None:  # type: ignore[no-untyped-def]
+def test_order_of_requests_matches_qemu(serve: Serve,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     r = serve()
     seen: list[str] = []
 
@@ -155,11 +161,11 @@ def test_order_of_requests_matches_qemu(serve) -> None:  # type: ignore[no-untyp
         assert b is not None
         orig = b.handle
 
-        def handle(msg):  # type: ignore[no-untyped-def]
+        def handle(msg: Message) -> bytes | None:
             seen.append(msg.name)
             return orig(msg)
 
-        b.handle = handle  # type: ignore[method-assign]
+        monkeypatch.setattr(b, "handle", handle)
 
     g = SimGuest(r.path, protocol_features=(1 << PF.MQ) | (1 << PF.REPLY_ACK))
     r.guests.append(g)
@@ -167,16 +173,14 @@ def test_order_of_requests_matches_qemu(serve) -> None:  # type: ignore[no-untyp
     from vhost_rpmsg.guest.frontend import Frontend as F
     orig_init = F.__init__
 
-    def init(self, *a, **k):  # type: ignore[no-untyped-def]
+    def init(self: F, *a: Any, **k: Any) -> None:
         orig_init(self, *a, **k)
         wait_until(lambda: r.server.backend is not None)
         r.call(record)
 
-    F.__init__ = init  # type: ignore[method-assign]
-    try:
+    with monkeypatch.context() as m:  # only this guest's front-end records
+        m.setattr(F, "__init__", init)
         g.start()
-    finally:
-        F.__init__ = orig_init  # type: ignore[method-assign]
     per_queue = ["SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_KICK",
                  "SET_VRING_CALL"]
     assert seen == [
@@ -187,3 +191,27 @@ def test_order_of_requests_matches_qemu(serve) -> None:  # type: ignore[no-untyp
         "SET_VRING_ENABLE", "SET_VRING_ENABLE",
     ]
     g.close()
+
+
+def test_set_vring_enable_needs_protocol_features(
+        serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    """"This request should be sent only when VHOST_USER_F_PROTOCOL_FEATURES has been
+    negotiated": without it the request is refused (and the ring keeps its state)."""
+    r = serve()
+    ram = GuestRam(1 << 20)
+    fe = Frontend(r.path, ram)
+    fe.get_u64(Request.GET_FEATURES)
+    fe.request(Request.SET_OWNER)
+    fe.request(Request.SET_VRING_ENABLE, codec.encode_vring_state(0, 1))
+    assert fe.get_u64(Request.GET_QUEUE_NUM) == 2  # the connection goes on
+
+    def check() -> None:
+        b = r.server.backend
+        assert b is not None
+        assert b.errors["bad_request"] == 1
+        assert not b.vrings[0].ring.enabled
+
+    r.call(check)
+    assert "without VHOST_USER_F_PROTOCOL_FEATURES" in caplog.text
+    fe.close()
+    ram.close()

@@ -421,20 +421,6 @@ class GuestFastPath:
         stats.tx_interrupts += t.interrupts
         t.sent = t.kicks = t.interrupts = 0
 
-    def publish(self, g: SimGuest, ring: DriverRing, rx: bool = False) -> bool:
-        """DriverRing.publish with a release store and a real fence."""
-        assert lib is not None
-        s = self.rx if rx else self.tx
-        r = self._enter(s, g, ring)
-        try:
-            kick = lib.gr_publish(r, ring.last_kicked, ring.avail_idx)
-        finally:
-            self._exit(s)
-        if kick < 0:
-            return ring.publish()
-        ring.last_kicked = ring.avail_idx
-        return bool(kick)
-
     def enable_interrupts(self, g: SimGuest, ring: DriverRing, rx: bool = False) -> bool:
         """DriverRing.enable_interrupts with a real fence."""
         assert lib is not None

@@ -90,7 +90,7 @@ class _TableEndpoint(Endpoint):
 
     def on_message(self, src: int, data: bytes) -> None:
         it = RpmsgIter(src=src, dst=self.addr, len=len(data), qid=TO_HOST, ept=self.entry,
-                       _data=data)
+                       data=data)
         if self.entry.read is not None:
             self.entry.read(self.vr, it)
         if self.entry.write is not None:

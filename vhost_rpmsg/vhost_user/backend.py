@@ -110,7 +110,9 @@ class VhostUserBackend:
         }
         # How many fds each request must carry (others carry none); kick/call/err vary.
         self._fd_count: dict[int, int] = {
+            # vhost-user.rst, SET_BACKEND_REQ_FD: "It is passed in the ancillary data."
             Request.SET_BACKEND_REQ_FD: 1,
+            # vhost-user.rst, ADD_MEM_REG: "Exactly one file descriptor from which the memory"
             Request.ADD_MEM_REG: 1,
         }
 
@@ -142,6 +144,7 @@ class VhostUserBackend:
                 if fd not in self._kept:
                     close_quietly(fd)
         if body is not None:
+            # "unless the message already has an explicit reply body" (vhost-user.rst, REPLY_ACK)
             return codec.encode(msg.request, body, reply=True)
         return self._ack(msg, 0)
 
@@ -150,8 +153,11 @@ class VhostUserBackend:
         if msg.request == Request.SET_MEM_TABLE:
             return  # checked against the region count by the handler
         if msg.request in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+            # "This flag is set when there is no file descriptor" (vhost-user.rst, SET_VRING_KICK)
             want = 0 if codec.parse_vring_file(msg).no_fd else 1
         elif msg.request == Request.REM_MEM_REG:
+            # "the back-end MAY accept messages with one file descriptor" (vhost-user.rst,
+            # REM_MEM_REG); "the back-end MUST close it without using it": handle() does.
             if len(msg.fds) > 1:
                 raise PayloadError(f"{msg.name}: {len(msg.fds)} fds, expected at most 1")
             return
@@ -161,6 +167,7 @@ class VhostUserBackend:
             raise PayloadError(f"{msg.name}: {len(msg.fds)} fds, expected {want}")
 
     def _ack(self, msg: Message, status: int) -> bytes | None:
+        # "the back-end MUST respond with a Payload VhostUserMsg" (vhost-user.rst, REPLY_ACK)
         if msg.need_reply and self.protocol_features & (1 << ProtocolFeature.REPLY_ACK):
             return codec.encode(msg.request, codec.encode_u64(status), reply=True)
         return None
@@ -177,10 +184,12 @@ class VhostUserBackend:
         if msg.request in REPLY_BODY:
             # The front-end waits for a body; answer so it does not hang, in the form
             # the spec gives for failure where it gives one (GET_CONFIG: empty).
+            # "back-end uses zero length of payload to indicate an error" (GET_CONFIG)
             body = b"" if msg.request == Request.GET_CONFIG else codec.encode_u64(0)
             if msg.request == Request.GET_VRING_BASE:
                 body = codec.encode_vring_state(0, 0)
             return codec.encode(msg.request, body, reply=True)
+        # "The payload should be set to zero on success or non-zero on failure" (REPLY_ACK)
         return self._ack(msg, 1)
 
     # -- features and ownership ----------------------------------------------------------
@@ -194,6 +203,7 @@ class VhostUserBackend:
     def _set_features(self, msg: Message) -> None:
         features = codec.parse_u64(msg)
         extra = features & ~self.offered_features()
+        # virtio 1.2 §2.2.1: "The driver MUST NOT accept a feature which the device did not offer"
         if extra:
             raise RequestFailed(f"features 0x{extra:x} were never offered")
         self.acked_features = features
@@ -203,13 +213,19 @@ class VhostUserBackend:
             vr.queue.state.event_idx = bool(features & (1 << VIRTIO_RING_F_EVENT_IDX))
             vr.queue.state.indirect = bool(features & (1 << VIRTIO_RING_F_INDIRECT_DESC))
         self.device.features_acked(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
+        if not features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+            # "the back-end must enable all rings immediately" (vhost-user.rst, Ring states)
+            for vr in self.vrings:
+                vr.apply(Event.ENABLE, protocol_features=self.protocol_negotiated)
 
     def _get_protocol_features(self, msg: Message) -> bytes:
+        # GET_PROTOCOL_FEATURES: "must support this message even before VHOST_USER_SET_FEATURES"
         return codec.encode_u64(self.offered_protocol_features)
 
     def _set_protocol_features(self, msg: Message) -> None:
         features = codec.parse_u64(msg)
         extra = features & ~self.offered_protocol_features
+        # "Any protocol extensions are gated by protocol feature bits" (Communication)
         if extra:
             raise RequestFailed(f"protocol features 0x{extra:x} were never offered")
         self.protocol_features = features
@@ -219,11 +235,14 @@ class VhostUserBackend:
         self.owner = True
 
     def _reset_owner(self, msg: Message) -> None:
+        # Deprecated: "back-ends either ignore this message, or use it to disable all rings";
+        # older QEMUs send it instead of RESET_DEVICE, so it resets like RESET_DEVICE.
         self._reset_rings()
         self.device.reset()
         self.owner = False
 
     def _reset_device(self, msg: Message) -> None:
+        # "The back-end retains ownership of the device throughout the reset operation."
         self._reset_rings()
         self.acked_features = 0
         self.status = 0
@@ -237,6 +256,7 @@ class VhostUserBackend:
 
     def _set_status(self, msg: Message) -> None:
         status = codec.parse_u64(msg)
+        # "device status as defined in the Virtio specification": virtio 1.2 §2.1, one byte
         if status > 0xFF:
             raise RequestFailed(f"status 0x{status:x} has bits beyond the status byte")
         self.status = status
@@ -253,17 +273,22 @@ class VhostUserBackend:
         access = codec.parse_config(msg)
         cfg = self.device.config()
         window = cfg[access.offset : access.offset + access.size]
+        # "back-end's payload size MUST match the front-end's request" (GET_CONFIG)
         window += bytes(access.size - len(window))
         return codec.encode_config(access.offset, window, access.flags)
 
     def _set_config(self, msg: Message) -> None:
         access = codec.parse_config(msg)
+        # "back-ends MUST NOT accept SET_CONFIG for read-only configuration space fields
+        # unless the live migration bit is set" (SET_CONFIG): left to the device, whose
+        # default refuses every write; access.flags is not looked at.
         self.device.set_config(access.offset, access.data)
 
     # -- memory ---------------------------------------------------------------------------
 
     def _set_mem_table(self, msg: Message) -> None:
         regions = codec.parse_mem_table(msg)
+        # "The size and ordering of the fds matches the number and ordering of memory regions."
         if len(msg.fds) != len(regions):
             raise PayloadError(f"{msg.name}: {len(regions)} regions, {len(msg.fds)} fds")
         self.memory.set_table([_spec(r, fd) for r, fd in zip(regions, msg.fds, strict=True)])
@@ -279,6 +304,7 @@ class VhostUserBackend:
     def _rem_mem_reg(self, msg: Message) -> None:
         # An fd may come along; it carries no meaning here and is closed with the rest.
         region = codec.parse_single_region(msg)
+        # "identified by its guest address, user address and size. The mmap offset is ignored."
         self.addresses.check_remove(region)
         self.memory.remove(region.guest_phys_addr, region.memory_size)
         self.addresses.remove(region)
@@ -306,12 +332,15 @@ class VhostUserBackend:
 
     def _set_vring_num(self, msg: Message) -> None:
         st = codec.parse_vring_state(msg)
+        # "Set the size of the queue." (SET_VRING_NUM): checked against virtio 1.2 §2.7
         self._vring(st.index).queue.state.set_size(st.num)
 
     def _set_vring_addr(self, msg: Message) -> None:
         addr = codec.parse_vring_addr(msg)
         vr = self._vring(addr.index)
         # Front-end virtual addresses, kept as such until the ring is mapped.
+        # "Otherwise it is a user address." (A vring address description; IOMMU_PLATFORM is
+        # never offered).  Alignment is checked here and again on the guest-physical ones.
         check_ring_alignment(addr.desc, addr.avail, addr.used)
         self.addresses.set_ring(addr.index, (addr.desc, addr.avail, addr.used))
         if vr.ring.started:
@@ -328,6 +357,7 @@ class VhostUserBackend:
         if va is None or not q.size:
             raise RequestFailed(f"queue {vr.index} kicked before its size and addresses were set")
         n = q.size
+        # "User addresses map to the vhost memory region containing that user address."
         desc, avail, used = (self.addresses.to_gpa(a, length) for a, length in
                              ((va[0], 16 * n), (va[1], 6 + 2 * n), (va[2], 6 + 8 * n)))
         q.set_addresses(desc, avail, used)
@@ -336,6 +366,8 @@ class VhostUserBackend:
     def _set_vring_base(self, msg: Message) -> None:
         st = codec.parse_vring_state(msg)
         vr = self._vring(st.index)
+        # "32-bit value, of which currently only the lower 16 bits are used" (A vring
+        # descriptor index for split virtqueues)
         if st.num > 0xFFFF:
             raise RequestFailed(f"vring base {st.num} does not fit a 16-bit index")
         vr.queue.state.set_base(st.num)
@@ -343,7 +375,7 @@ class VhostUserBackend:
     def _get_vring_base(self, msg: Message) -> bytes:
         st = codec.parse_vring_state(msg)
         vr = self._vring(st.index)
-        # "stop ring upon receiving VHOST_USER_GET_VRING_BASE" (Ring states)
+        # "stop a ring upon receiving VHOST_USER_GET_VRING_BASE" (Ring states)
         self._stop(vr)
         # The kick fd goes with the stopped ring; the next start brings a new one.
         vr.set_kick(None)
@@ -352,6 +384,7 @@ class VhostUserBackend:
     def _set_vring_kick(self, msg: Message) -> None:
         vf = codec.parse_vring_file(msg)
         vr = self._vring(vf.index)
+        # no fd: "This signals that polling should be used instead of waiting for the kick."
         self._unwatch(vr)
         vr.set_kick(None if vf.no_fd else self._keep(msg.fds[0]))
         self._start(vr)
@@ -380,10 +413,10 @@ class VhostUserBackend:
     def _start(self, vr: Vring) -> None:
         """SET_VRING_KICK: the ring starts (disabled if protocol features were negotiated).
 
-        "The back-end will start the ring upon receiving a kick (that is, detecting that
-        file descriptor is readable) on the descriptor specified by
-        VHOST_USER_SET_VRING_KICK" (Ring states): we start it on the message itself, as
-        the front-end has finished setting it up by then.
+        "The back-end must start a ring upon receiving a kick (that is, detecting that file
+        descriptor is readable) on the descriptor specified by VHOST_USER_SET_VRING_KICK"
+        (Ring states): we start it on the message itself, as the front-end has finished
+        setting it up by then.
         """
         self._map(vr)
         self._watch(vr)
@@ -438,8 +471,8 @@ class VhostUserBackend:
             self._unwatch(vr)
             return
         vr.queue.state.stats.kicks += 1
-        # "While a ring is stopped, the back-end must not process the ring at all"; a
-        # disabled one is not handed to the device either.
+        # "While a ring is stopped, the back-end must not process the ring at all" (Ring
+        # states); a disabled one is not handed to the device either.
         if vr.ready:
             self._safe(self.device.kicked, vr)
 

@@ -58,6 +58,7 @@ class Message:
 
     @property
     def need_reply(self) -> bool:
+        # "Bit 3 is the need_reply flag" (vhost-user.rst, Header)
         return bool(self.flags & FLAG_NEED_REPLY)
 
     @property
@@ -131,6 +132,7 @@ def encode(
     need_reply: bool = False,
 ) -> bytes:
     """Frame ``payload`` as a vhost-user message."""
+    # "Bit 2 is the reply flag - needs to be sent on each reply from the back-end" (Header)
     flags = VERSION | (FLAG_REPLY if reply else 0) | (FLAG_NEED_REPLY if need_reply else 0)
     return _HEADER.pack(request, flags, len(payload)) + payload
 
@@ -171,6 +173,7 @@ def encode_config(offset: int, data: bytes, flags: int = 0) -> bytes:
 
 
 def _exact(msg: Message, size: int) -> bytes:
+    # Each request's payload is one of the fixed layouts of vhost-user.rst, "Payload".
     if len(msg.payload) != size:
         raise PayloadError(f"{msg.name}: payload is {len(msg.payload)} bytes, expected {size}")
     return msg.payload
@@ -191,6 +194,7 @@ def parse_vring_addr(msg: Message) -> VringAddr:
 
 def parse_vring_file(msg: Message) -> VringFile:
     value = parse_u64(msg)
+    # "Bits (0-7) of the payload contain the vring index. Bit 8 is the invalid FD flag."
     if value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
         raise PayloadError(f"{msg.name}: reserved bits set in 0x{value:x}")
     return VringFile(value & VRING_IDX_MASK, bool(value & VRING_NOFD_MASK))
@@ -201,6 +205,7 @@ def parse_mem_table(msg: Message) -> list[MemoryRegion]:
     if len(p) < _MEM_HEADER.size:
         raise PayloadError(f"{msg.name}: payload of {len(p)} bytes has no region count")
     nregions, _padding = _MEM_HEADER.unpack_from(p)
+    # "| num regions | padding | region0 | ... | region7 |" (Multiple Memory regions description)
     if not 0 < nregions <= MAX_REGIONS_PER_TABLE:
         raise PayloadError(f"{msg.name}: {nregions} regions (1..{MAX_REGIONS_PER_TABLE} allowed)")
     # QEMU sends the full 8-slot array; a shorter payload must still hold every region.
@@ -215,6 +220,7 @@ def parse_mem_table(msg: Message) -> list[MemoryRegion]:
 
 
 def parse_single_region(msg: Message) -> MemoryRegion:
+    # "| padding | region |", ":padding: 64-bit" (Single memory region description)
     p = _exact(msg, _U64.size + _REGION.size)
     return MemoryRegion(*_REGION.unpack_from(p, _U64.size))
 
@@ -227,6 +233,7 @@ def parse_config(msg: Message) -> ConfigAccess:
     if size > MAX_CONFIG_SIZE or offset + size > MAX_CONFIG_SIZE:
         raise PayloadError(f"{msg.name}: config window {offset}+{size} exceeds {MAX_CONFIG_SIZE}")
     data = p[_CONFIG_HEADER.size :]
+    # ":payload: Size bytes array holding the contents" (Virtio device config space)
     if len(data) != size:
         raise PayloadError(f"{msg.name}: {len(data)} config bytes, header says {size}")
     return ConfigAccess(offset, size, flags, data)
@@ -271,6 +278,7 @@ class Decoder:
         if len(self._buf) < HEADER_SIZE:
             return None
         request, flags, size = _HEADER.unpack_from(self._buf)
+        # "Lower 2 bits are the version (currently 0x01)" (vhost-user.rst, Header)
         if flags & VERSION_MASK != VERSION:
             self._broken = f"bad protocol version in flags 0x{flags:x} (request {request})"
             raise FramingError(self._broken)

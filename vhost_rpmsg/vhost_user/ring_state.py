@@ -45,6 +45,7 @@ class Change(enum.Enum):
 
 @dataclass(frozen=True)
 class Ring:
+    # "Each ring is initialized in a stopped and disabled state." (vhost-user.rst, Ring states)
     state: RingState = RingState.STOPPED
     enabled: bool = False
 
@@ -68,10 +69,11 @@ def transition(ring: Ring, event: Event, *, protocol_features: bool) -> tuple[Ri
     """
     state, enabled = ring.state, ring.enabled
     if event is Event.START:
-        # "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring starts
-        # directly in the enabled state.  If VHOST_USER_F_PROTOCOL_FEATURES has been
-        # negotiated, the ring is initialized in a disabled state and is enabled by
-        # VHOST_USER_SET_VRING_ENABLE with parameter 1." (the tracked bit applies)
+        # Ring states: "upon receiving a VHOST_USER_SET_FEATURES message from the front-end
+        # without VHOST_USER_F_PROTOCOL_FEATURES set, the back-end must enable all rings
+        # immediately" (the back-end's _set_features does).  Earlier revisions of the
+        # section said "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring
+        # starts directly in the enabled state.", kept here; otherwise the tracked bit applies.
         if not protocol_features:
             enabled = True
         new = Ring(_started(enabled), enabled)

@@ -9,9 +9,9 @@ the rpmsg device and the simulated driver agree; vhost-user's own constants are 
 from __future__ import annotations
 
 # -- feature bits (2.2 Feature Bits; 6 Reserved Feature Bits) ---------------------------
-VIRTIO_F_NOTIFY_ON_EMPTY = 24
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_NOTIFY_ON_EMPTY = 24  # virtio 1.2 §6.3 Legacy Interface: Reserved Feature Bits
+VIRTIO_RING_F_INDIRECT_DESC = 28  # the spec's VIRTIO_F_INDIRECT_DESC (28)
+VIRTIO_RING_F_EVENT_IDX = 29  # the spec's VIRTIO_F_EVENT_IDX(29)
 VIRTIO_F_VERSION_1 = 32
 
 # -- device status (2.1 Device Status Field) ---------------------------------------------
@@ -28,11 +28,13 @@ VIRTIO_ID_RPMSG = 7
 VIRTIO_RPMSG_F_NS = 0
 
 # -- split rings (2.7 Split Virtqueues) -----------------------------------------------------
+# The spec's VIRTQ_*; "the constants as VRING_DESC_F_NEXT, etc, but the layout and values
+# were identical" (virtio 1.2 §2.7.5, note on the legacy names).
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 DESC_SIZE = 16
-#: "Queue Size ... The maximum Queue Size value is 32768" (2.7).
+#: "The maximum Queue Size value is 32768." (virtio 1.2 §2.7 Split Virtqueues)
 MAX_QUEUE_SIZE = 32768

@@ -276,9 +276,10 @@ class QueueStats:
 def check_ring_alignment(desc: int, avail: int, used: int) -> None:
     """ValueError unless the rings are aligned as virtio requires.
 
-    Virtio 2.7 (Split Virtqueues) gives the alignment of each part: descriptor table 16,
-    available ring 2, used ring 4.
+    Virtio 1.2 §2.7 (Split Virtqueues) gives the alignment of each part: descriptor table
+    16, available ring 2, used ring 4.
     """
+    # virtio 1.2 §2.7.1: "a multiple of the specified alignment value in the above table"
     if desc % 16 or avail % 2 or used % 4:
         raise ValueError(
             f"ring addresses misaligned: desc 0x{desc:x} avail 0x{avail:x} used 0x{used:x}"
@@ -322,7 +323,7 @@ class QueueState:
 
     def set_size(self, num: int) -> None:
         # "Queue Size value is always a power of 2.  The maximum Queue Size value is
-        # 32768." (virtio 2.7 Split Virtqueues)
+        # 32768." (virtio 1.2 §2.7 Split Virtqueues)
         if num == 0 or num > min(self.max_size, MAX_QUEUE_SIZE) or num & (num - 1):
             raise ValueError(f"queue size {num} is not a power of two in 1..{self.max_size}")
         self.size = num
@@ -343,6 +344,7 @@ class QueueState:
         if not self.addr_set or not self.size:
             raise ValueError(f"queue {self.index}: size or addresses not set")
         n = self.size
+        # Part sizes from the table of virtio 1.2 §2.7 Split Virtqueues: 16n, 6 + 2n, 6 + 8n.
         (dr, doff, dlen), (ar, aoff, alen), (ur, uoff, ulen) = [
             (*mem.find_gpa(addr, length), length)
             for addr, length in ((self.desc_addr, DESC_SIZE * n), (self.avail_addr, 6 + 2 * n),

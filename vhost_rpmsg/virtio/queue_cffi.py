@@ -67,7 +67,7 @@ _raw_alloc = ffi.new_allocator(should_clear_after_alloc=False)
 
 _CHAINS0 = 64  # initial per-chain capacity (grows to the queue size at most)
 _SEGS0 = 256  # initial segment capacity (grows as chains need)
-_DATA0 = 1 << 16  # initial payload buffer of pop_read_batch (grows as chains need)
+_DATA0 = 1 << 16  # initial payload buffer of pop_raw_batch (grows as chains need)
 
 
 def full_fence() -> None:
@@ -146,16 +146,14 @@ class _State:
 class _Batch:
     """Reusable output arrays for vr_pop_batch (used under the queue lock only)."""
 
-    def __init__(self, chains: int = _CHAINS0, segs: int = _SEGS0, data: int = 0) -> None:
+    def __init__(self, chains: int = _CHAINS0, segs: int = _SEGS0) -> None:
         self.b = ffi.new("vr_batch *")
+        self.b.data = ffi.NULL  # chains only: payloads are copied by pop_raw_batch
         self.keep: dict[str, Any] = {}
         self.chain_cap = 0
         self.seg_cap = 0
-        self.data_cap = 0
         self.grow_chains(chains)
         self.grow_segs(segs)
-        if data:
-            self.grow_data(data)
 
     def _arr(self, name: str, ctype: str, n: int) -> None:
         a = ffi.new(f"{ctype}[]", n)
@@ -166,7 +164,7 @@ class _Batch:
         for name, ctype in (
             ("heads", "uint32_t"), ("errors", "uint8_t"), ("seg_start", "uint32_t"),
             ("nread", "uint32_t"), ("nwrite", "uint32_t"), ("read_len", "uint64_t"),
-            ("write_len", "uint64_t"), ("data_off", "uint64_t"), ("data_len", "uint64_t"),
+            ("write_len", "uint64_t"),
         ):
             self._arr(name, ctype, n)
         self.chain_cap = n
@@ -179,11 +177,6 @@ class _Batch:
             self._arr(name, ctype, n)
         self.seg_cap = n
         self.b.seg_cap = n
-
-    def grow_data(self, n: int) -> None:
-        a = _raw_alloc("uint8_t[]", n)
-        self.keep["data"] = a
-        self.data_cap = n
 
 
 class _Raw:
@@ -290,11 +283,9 @@ class CffiQueue:
         st = self._current()
         if st is None or type(max_chains) is not int:
             return self.reference.pop_batch(max_chains)
-        return self._pop(st, max_chains, None)[0]
+        return self._pop(st, max_chains)
 
-    def _pop(
-        self, st: _State, max_chains: int, limit: int | None
-    ) -> tuple[list[Chain], list[bytes | None] | None]:
+    def _pop(self, st: _State, max_chains: int) -> list[Chain]:
         with self.state.lock:
             want = max(0, min(max_chains, st.size))
             bt = self._batch
@@ -303,16 +294,6 @@ class CffiQueue:
             if want > bt.chain_cap:
                 bt.grow_chains(max(want, 2 * bt.chain_cap))
             b = bt.b
-            payloads: list[bytes | None] | None = None
-            if limit is None:
-                b.data = ffi.NULL
-            else:
-                if bt.data_cap == 0:
-                    bt.grow_data(_DATA0)
-                b.data = bt.keep["data"]
-                b.data_cap = bt.data_cap
-                b.data_limit = min(max(limit, 0), (1 << 64) - 1)  # < 0: b"" like read_chain
-                payloads = []
             b.max_chains = want
             b.flags = lib.VR_F_INDIRECT if self.state.indirect else 0
             b.last_avail = self.state.last_avail_idx
@@ -325,16 +306,12 @@ class CffiQueue:
             nbad = 0
             generation = st.table.generation
             while True:
-                self._collect(bt, out, payloads, generation)
+                self._collect(bt, out, generation)
                 nbad += b.nbad
                 if status == lib.VR_POP_DONE:
                     break
-                if status == lib.VR_POP_NEED_SEGS:
-                    bt.grow_segs(max(2 * bt.seg_cap, b.need))
-                else:
-                    bt.grow_data(max(2 * bt.data_cap, b.need))
-                    b.data = bt.keep["data"]
-                    b.data_cap = bt.data_cap
+                # VR_POP_NEED_SEGS: with no payload buffer, nothing else can run short
+                bt.grow_segs(max(2 * bt.seg_cap, b.need))
                 b.flags |= lib.VR_F_CONTINUE
                 b.max_chains = total - len(out)
                 status = lib.vr_pop_batch(st.ring, b)
@@ -342,11 +319,10 @@ class CffiQueue:
             if total > 0:
                 self.state.stats.popped += total
                 self.state.stats.bad_chains += nbad
-            return out, payloads
+            return out
 
     @staticmethod
-    def _collect(bt: _Batch, out: list[Chain], payloads: list[bytes | None] | None,
-                 generation: int) -> None:
+    def _collect(bt: _Batch, out: list[Chain], generation: int) -> None:
         b = bt.b
         k = b.nchains
         if not k:
@@ -369,16 +345,6 @@ class CffiQueue:
             m = s + nread[i]
             append(Chain(heads[i], errors[errs[i]], segs[s:m], segs[m : m + nwrite[i]],
                          rlen[i], wlen[i], generation))
-        if payloads is not None:
-            blob = ffi.buffer(b.data, b.data_used)[:]
-            offs = unpack(b.data_off, k)
-            lens = unpack(b.data_len, k)
-            for i in range(k):
-                if errs[i]:
-                    payloads.append(None)
-                else:
-                    o = offs[i]
-                    payloads.append(blob[o : o + lens[i]])
 
     def pop_raw_batch(self, max_chains: int, limit: int) -> RawBatch:
         """Take up to ``max_chains`` chains with up to ``limit`` readable bytes of each.

@@ -57,6 +57,9 @@ def split_headers(rb: RawBatch, size: int) -> np.ndarray:
     out = np.zeros((n, size), np.uint8)
     if not n or not size:
         return out
+    if (int(rb.offsets.min()) < 0 or int(rb.lengths.min()) < 0
+            or int((rb.offsets + rb.lengths).max()) > len(rb.data)):
+        raise ValueError("raw batch offsets and lengths do not fit its data")
     buf = np.frombuffer(rb.data, np.uint8)
     cols = _HDR_COLS.get(size)
     if cols is None:
@@ -91,6 +94,8 @@ class PythonQueue:
     def pending(self) -> int:
         """Chains the guest made available and we have not taken yet."""
         n = (self.avail_idx() - self.state.last_avail_idx) & 0xFFFF
+        # virtio 1.2 §2.7: "Queue Size corresponds to the maximum number of buffers in the
+        # virtqueue"; §2.7.6.1: "A driver MUST NOT decrement the available idx"
         if n > self.state.size:
             # More outstanding than the ring holds: the ring itself is corrupt.
             raise QueueBroken(f"avail idx {self.avail_idx()} is {n} ahead of "
@@ -136,6 +141,7 @@ class PythonQueue:
     def _walk(self, head: int, generation: int) -> Chain:
         chain = Chain(head, generation=generation)
         size = self.state.size
+        # §2.7.5: "The number of descriptors in the table is defined by the queue size"
         if head >= size:
             chain.error = ChainError.HEAD_OUT_OF_RANGE
             return chain
@@ -148,6 +154,8 @@ class PythonQueue:
         nested = False
         while True:
             seen += 1
+            # §2.7.5: "this is the maximum possible descriptor chain length"; §2.7.5.2:
+            # "this implies that loops in the descriptor chain are forbidden!"
             if seen > limit:
                 chain.error = ChainError.LOOP
                 return chain
@@ -157,15 +165,22 @@ class PythonQueue:
             flags = (word >> 32) & 0xFFFF
             nxt = word >> 48
             if flags & VRING_DESC_F_INDIRECT:
+                # §2.7.5.3 Indirect Descriptors, driver requirements:
+                # "MUST NOT set the VIRTQ_DESC_F_INDIRECT flag unless the
+                # VIRTIO_F_INDIRECT_DESC feature was negotiated"
                 if not self.state.indirect:
                     chain.error = ChainError.INDIRECT_NOT_NEGOTIATED
                     return chain
+                # "(ie. only one table per descriptor)"
                 if nested:
                     chain.error = ChainError.INDIRECT_NESTED
                     return chain
+                # "MUST NOT set both VIRTQ_DESC_F_INDIRECT and VIRTQ_DESC_F_NEXT"
                 if flags & VRING_DESC_F_NEXT:
                     chain.error = ChainError.INDIRECT_WITH_NEXT
                     return chain
+                # "struct virtq_desc desc[len / 16];" and "A driver MUST NOT create a
+                # descriptor chain longer than the Queue Size of the device."
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > size:
                     # empty, ragged, or more descriptors than the queue holds
                     chain.error = ChainError.INDIRECT_BAD_LEN

@@ -14,9 +14,12 @@ to build it is a warning (the simulator then runs its pure-Python path), and
 ``VHOST_RPMSG_NO_SIMULATOR_C=1`` leaves it out altogether.
 """
 
+import glob
+import logging
 import os
+from importlib.machinery import EXTENSION_SUFFIXES
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.sdist import sdist
 
@@ -36,7 +39,13 @@ class SdistWithCext(sdist):
 
 class BuildExtOptionalSimulator(build_ext):
     """build_ext where the simulator's extension may fail (setuptools' Extension.optional:
-    its error is logged as a warning, and no module is installed for it)."""
+    its error is logged as a warning, and no module is installed for it).
+
+    A build directory is reused (pip builds a local project in place), and everything in
+    its build_lib goes into the wheel: so a simulator module left there by an earlier
+    build is removed when the simulator is skipped or fails to build, lest a stale one
+    be installed.
+    """
 
     def finalize_options(self) -> None:
         super().finalize_options()
@@ -44,12 +53,29 @@ class BuildExtOptionalSimulator(build_ext):
             if ext.name == SIMULATOR_C:
                 ext.optional = True
 
+    def _remove_stale_simulator(self) -> None:
+        for suffix in EXTENSION_SUFFIXES:
+            for old in glob.glob(os.path.join(glob.escape(self.build_lib), SIMULATOR_C + suffix)):
+                os.remove(old)
+
     def run(self) -> None:
+        if NO_SIMULATOR_C:
+            self.announce(f"VHOST_RPMSG_NO_SIMULATOR_C is set: {SIMULATOR_C} is not built",
+                          logging.INFO)
+            self._remove_stale_simulator()
         super().run()
         for ext in self.extensions:
             if ext.name == SIMULATOR_C and not os.path.exists(self.get_ext_fullpath(ext.name)):
                 self.warn(f"{SIMULATOR_C} (the simulated guest's C fast path) was not built; "
                           "the simulator will run its pure-Python path")
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception:
+            if ext.name == SIMULATOR_C:
+                self._remove_stale_simulator()
+            raise
 
 
 cffi_modules = ["cext/build_vring.py:ffibuilder"]

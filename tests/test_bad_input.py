@@ -149,10 +149,15 @@ def _canary(g: SimGuest) -> np.ndarray:
     return g.ram.mem[g.ram.size - TAIL :]
 
 
-@pytest.mark.parametrize("chain", [
-    "outside", "straddles", "loop", "longer_than_ring", "indirect_in_indirect",
-    "zero_length", "wrong_direction", "too_short_for_header",
-])
+#: how the device counts each hostile tx chain: a bad chain (the ring level: addresses,
+#: loops, nesting, direction) or a bad message (a good chain too short for a header)
+TX_BAD_AS = {"outside": "bad_chains", "straddles": "bad_chains", "loop": "bad_chains",
+             "longer_than_ring": "bad_chains", "indirect_in_indirect": "bad_chains",
+             "zero_length": "bad_messages", "wrong_direction": "bad_chains",
+             "too_short_for_header": "bad_messages"}
+
+
+@pytest.mark.parametrize("chain", list(TX_BAD_AS))
 def test_hostile_tx_chains(echo_server: EchoServer, chain: str) -> None:
     g = echo_server.guest(hidden_tail=TAIL).start()
     assert g.ram is not None
@@ -162,7 +167,8 @@ def test_hostile_tx_chains(echo_server: EchoServer, chain: str) -> None:
     scratch = g.ram.alloc(4096, 4096)
     ring = g.rings[1]
     N, W, IND = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
-    before = echo_server.device.stats["bad_chains"] + echo_server.device.stats["bad_messages"]
+    stats = echo_server.device.stats
+    assert stats["bad_chains"] == stats["bad_messages"] == 0
     if chain == "outside":
         g.send_chain([(edge + 64, 32, 0)])
     elif chain == "straddles":
@@ -190,8 +196,7 @@ def test_hostile_tx_chains(echo_server: EchoServer, chain: str) -> None:
     elif chain == "too_short_for_header":
         g.send_chain([(scratch, 8, 0)])
     # the buffer comes back to the guest and is counted as bad
-    wait_until(lambda: echo_server.device.stats["bad_chains"]
-          + echo_server.device.stats["bad_messages"] > before)
+    wait_until(lambda: stats["bad_chains"] + stats["bad_messages"] == 1)
     # the hostile chain (scratch memory, not a tx buffer) must come back too
     wait_until(lambda: g.reclaim() >= 0 and not g.tx_inflight)
     # nothing outside the regions was written (and the server is still serving this guest)
@@ -199,11 +204,19 @@ def test_hostile_tx_chains(echo_server: EchoServer, chain: str) -> None:
     g.open(3001)
     g.send(3001, 1024, b"after")
     assert g.recv(3001) == (1024, b"after")
+    # counted once, as what it is, and the good message after it is no bad one
+    other = "bad_messages" if TX_BAD_AS[chain] == "bad_chains" else "bad_chains"
+    assert (stats[TX_BAD_AS[chain]], stats[other]) == (1, 0)
+    assert stats["to_host_messages"] == 1
     g.close()
     _next_guest_works(echo_server)
 
 
-@pytest.mark.parametrize("chain", ["outside", "readable", "too_small"])
+#: how the device counts each hostile rx chain
+RX_BAD_AS = {"outside": "bad_chains", "readable": "bad_chains", "too_small": "rx_buffer_too_small"}
+
+
+@pytest.mark.parametrize("chain", list(RX_BAD_AS))
 def test_hostile_rx_chains_are_returned_and_skipped(echo_server: EchoServer, chain: str) -> None:
     g = echo_server.guest(hidden_tail=TAIL, queue_size=8).start()
     assert g.ram is not None
@@ -229,7 +242,9 @@ def test_hostile_rx_chains_are_returned_and_skipped(echo_server: EchoServer, cha
     wait_until(lambda: g.stats.events["rx_test_chain_returned"] == 1)
     assert (canary == 0x5A).all()
     stats = echo_server.device.stats
-    assert stats["bad_chains"] + stats["rx_buffer_too_small"] >= 1
+    other = "rx_buffer_too_small" if RX_BAD_AS[chain] == "bad_chains" else "bad_chains"
+    assert (stats[RX_BAD_AS[chain]], stats[other]) == (1, 0)  # skipped once, counted once
+    assert stats["to_guest_messages"] == 13
     g.close()
 
 
@@ -248,10 +263,27 @@ def test_avail_index_jump_breaks_only_that_ring(echo_server: EchoServer) -> None
     with g._tx_lock:
         ring.avail[1] = (ring.avail_idx + 1000) & 0xFFFF
         g._kick(1)
-    wait_until(lambda: (echo_server.server.backend is not None
-                   and echo_server.server.backend.errors["queue_broken"] == 1))
+    b = echo_server.server.backend
+    assert b is not None
+    wait_until(lambda: b.errors["queue_broken"] == 1)
     # the guest gets an error notification on its err eventfd, as the spec provides
     wait_until(lambda: _readable(g.err[1]))
+    # the rx ring (0) is untouched: still ready, no error, and host messages still reach
+    # the guest through it, in the same guest session
+    assert echo_server.call(lambda: [v.state for v in b.vrings]) == [
+        RingState.STARTED_ENABLED, RingState.BROKEN]
+    dev = echo_server.device
+    assert dev.guest_ready and dev.stats["guest_sessions"] == 1
+    g.open(3003)
+    for i in range(3):
+        dev.send(1024, 3003, b"rx %d" % i, timeout=5)
+        assert g.recv(3003) == (1024, b"rx %d" % i)
+    assert not _readable(g.err[0])
+    counters = echo_server.counters()
+    assert {k: v for k, v in counters.items() if k.startswith("errors.")} == {
+        "errors.queue_broken": 1}
+    assert (counters["q0.pushed"], counters["q1.popped"], counters["q1.pushed"]) == (3, 0, 0)
+    assert dev.stats["to_guest_messages"] == 3 and dev.stats["to_host_messages"] == 0
     g.disconnect()
     _next_guest_works(echo_server)
 

@@ -22,9 +22,9 @@ from vhost_rpmsg.guest import SimGuest
 runner = CliRunner()
 
 
-def _serve(*args: str, **kw: object) -> subprocess.Popen[bytes]:
+def _serve(*args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "vhost_rpmsg.cli", "serve", *args],
-                            stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+                            stderr=subprocess.PIPE, pass_fds=pass_fds)
 
 
 def test_print_capabilities() -> None:

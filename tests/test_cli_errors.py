@@ -16,9 +16,10 @@ import pytest
 CLI = [sys.executable, "-m", "vhost_rpmsg.cli"]
 
 
-def _run(args: list[str], cwd: Path, **kw: object) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], cwd: Path, *, pass_fds: tuple[int, ...] = (),
+         stdin: int | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=60, **kw)  # type: ignore[call-overload]
+                          timeout=60, pass_fds=pass_fds, stdin=stdin)
 
 
 def _listing(d: Path) -> set[str]:

@@ -27,14 +27,14 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pytest
 
 from vhost_rpmsg.endpoints.builtin import Echo, Sink, Source
 from vhost_rpmsg.guest import GuestTimeout, SimGuest, fastpath, rpmsg_guest
-from vhost_rpmsg.guest.frontend import GuestRam
+from vhost_rpmsg.guest.frontend import Frontend, GuestRam, QueueSetup
 from vhost_rpmsg.guest.ring import RingLayout
 from vhost_rpmsg.guest.rpmsg_guest import MAX_BUFS, RX, TX
 from vhost_rpmsg.rpmsg import codec as rp
@@ -45,6 +45,8 @@ from vhost_rpmsg.virtio.constants import (
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
 )
+
+from .conftest import Serve
 
 IMPORT_ERROR = fastpath.IMPORT_ERROR
 
@@ -79,17 +81,18 @@ def test_fast_flag_selection(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- the differential rig ----------------------------------------------------------------
 
 
-class StubFrontend:
-    """What SimGuest._probe needs of QEMU's front-end, without a back-end."""
+class StubFrontend(Frontend):
+    """What SimGuest._probe needs of QEMU's front-end, without a back-end (no socket:
+    only what is overridden here may be called)."""
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int) -> None:  # no super().__init__: it would connect
         self.backend_features = features
 
-    def start(self, features: int, queues: list[Any], send_memory: bool = True) -> None:
+    def start(self, features: int, queues: list[QueueSetup], send_memory: bool = True) -> None:
         pass
 
-    def stop(self, n: int) -> None:
-        pass
+    def stop(self, nqueues: int) -> list[int]:
+        return []
 
     def close(self) -> None:
         pass
@@ -104,7 +107,7 @@ def rig_guest(fast: bool, queue_size: int, event_idx: bool, tx_interrupts: bool)
     g.ram = GuestRam((per_init + (1 << 20) + 4095) // 4096 * 4096)
     offered = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RPMSG_F_NS)
                | (1 << VIRTIO_RING_F_EVENT_IDX))
-    g.fe = StubFrontend(offered)  # type: ignore[assignment]
+    g.fe = StubFrontend(offered)
     g._probe(send_memory=True)
     return g
 
@@ -137,7 +140,7 @@ class Device:
         """Up to k available heads; with keep, remembered in taken[q] for later."""
         lay = self.g.rings[q].layout
         idx = self._u16(lay.avail + 2)
-        out = []
+        out: list[int] = []
         while self.last_avail[q] != idx and len(out) < k:
             slot = self.last_avail[q] % lay.size
             out.append(self._u16(lay.avail + 4 + 2 * slot))
@@ -234,6 +237,13 @@ def assert_same(a: dict[str, Any], b: dict[str, Any], where: str) -> None:
             assert a[key] == b[key], f"{where}: {key} differs"
 
 
+class Op(Protocol):
+    """One operation of the rig on a guest and its device.  Positional only, so lambdas
+    and functions that bind loop values as defaulted extra parameters fit."""
+
+    def __call__(self, g: SimGuest, d: Device, /) -> object: ...
+
+
 class Twins:
     """A fast and a Python guest, each with its device; every op runs on both."""
 
@@ -254,7 +264,7 @@ class Twins:
         self.fast_calls = 0
         assert_same(snapshot(self.guests[0]), snapshot(self.guests[1]), "after probe")
 
-    def run(self, what: str, op: Callable[[SimGuest, Device], object]) -> object:
+    def run(self, what: str, op: Op) -> object:
         results = []
         logs = []
         for g, d in zip(self.guests, self.devs, strict=True):
@@ -636,9 +646,6 @@ def test_differential_index_wrap() -> None:
 
 # -- against a real server ---------------------------------------------------------------
 
-Serve = Callable[..., Any]
-
-
 def _wait(cond: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -711,7 +718,7 @@ def test_echo_bursts_byte_exact_in_order(serve: Serve, rx_thread: bool) -> None:
         g.open(2000)
         g.open_counter(2001)
         g.start()
-        got = []
+        got: list[tuple[int, bytes]] = []
         for payload, count in bursts:
             g.send_burst(2000, 1025, payload, count)
             got.extend(g.recv(2000, timeout=10) for _ in range(count))

@@ -215,3 +215,24 @@ def test_set_vring_enable_needs_protocol_features(
     assert "without VHOST_USER_F_PROTOCOL_FEATURES" in caplog.text
     fe.close()
     ram.close()
+
+
+def test_set_features_without_the_protocol_bit_enables_every_ring(serve: Serve) -> None:
+    """Ring states: "upon receiving a VHOST_USER_SET_FEATURES message from the front-end
+    without VHOST_USER_F_PROTOCOL_FEATURES set, the back-end must enable all rings
+    immediately", also after SET_PROTOCOL_FEATURES (which SET_FEATURES need not ack)."""
+    r = serve()
+    ram = GuestRam(1 << 20)
+    fe = Frontend(r.path, ram)
+    fe.negotiate((1 << PF.MQ) | (1 << PF.REPLY_ACK))
+    features = fe.backend_features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
+    fe.request(Request.SET_FEATURES, codec.encode_u64(features), need_reply=True)
+
+    def check() -> None:
+        b = r.server.backend
+        assert b is not None
+        assert [(v.ring.started, v.ring.enabled) for v in b.vrings] == [(False, True)] * 2
+
+    r.call(check)
+    fe.close()
+    ram.close()

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,9 @@ import pytest
 from tests.helpers import kill_group, require_guest_image
 
 pytestmark = pytest.mark.qemu
+
+#: the ``record_property`` fixture: a name and a value for the JUnit report
+RecordProperty = Callable[[str, object], None]
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_GUEST = ROOT / "qemu-configs" / "run-guest.sh"
@@ -187,7 +190,7 @@ def test_suite_boots_exactly_the_printed_qemu_line(mmio: bool) -> None:
     assert shlex.split(printed) == booted
 
 
-def test_host_facts(record_property) -> None:  # type: ignore[no-untyped-def]
+def test_host_facts(record_property: RecordProperty) -> None:
     """The host facts the guests depend on, measured and printed (see the docstring)."""
     require_guest_image()
     booted = _dry_run(mmio=True)
@@ -319,7 +322,7 @@ def test_guest_reboot_with_server_kept(server: Server) -> None:
     assert "ECHO-OK 50" in second.out
 
 
-def test_figures(server: Server, record_property) -> None:  # type: ignore[no-untyped-def]
+def test_figures(server: Server, record_property: RecordProperty) -> None:
     """Latency and throughput from guest user space, and the backend's CPU share."""
     cpu0, t0 = server.cpu_seconds(), time.monotonic()
     run = boot(server, "rpmsg-chan lat 5000 16; "

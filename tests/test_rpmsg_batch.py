@@ -69,7 +69,7 @@ def test_vector_and_small_paths_agree(items: list[tuple[bytes, int, bool]]) -> N
             B.VECTOR_MIN = old
         assert _flat(native) == _flat(small)
         assert native.bad_messages == small.bad_messages
-    small = _flat(small)
+    flat = _flat(small)
     # and both match a plain decode of each good chain
     expect = []
     for m, e, w in items:
@@ -80,7 +80,7 @@ def test_vector_and_small_paths_agree(items: list[tuple[bytes, int, bool]]) -> N
         except rp.RpmsgFormatError:
             continue
         expect.append((h.dst, h.src, p))
-    assert small[0] == expect
+    assert flat[0] == expect
 
 
 @pytest.mark.parametrize("path", ["vector", "small", "native"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -116,10 +117,11 @@ def test_flags_survive() -> None:
          + bytes(4) + bytes(3)),  # size says 10, 3 bytes follow
     ],
 )
-def test_bad_payloads_raise_payload_error(parse: object, payload: bytes) -> None:
+def test_bad_payloads_raise_payload_error(parse: Callable[[Message], object],
+                                          payload: bytes) -> None:
     msg = Message(Request.SET_FEATURES, 1, payload)
     with pytest.raises(PayloadError):
-        parse(msg)  # type: ignore[operator]
+        parse(msg)
 
 
 def test_bad_version_is_a_framing_error() -> None:

@@ -208,12 +208,12 @@ class BenchControl(Endpoint):
     async def _source(self, n: int, size: int, dst: int) -> None:
         assert self.port is not None
         payload = bytes(size)
-        device = self.port.device
+        port = self.port
         for _ in range(n):
             try:
-                device.send_nowait(self.addr, dst, payload)
+                port.send(dst, payload)
             except BlockingIOError:
-                await device.asend(self.addr, dst, payload)
+                await port.asend(dst, payload)
 
 
 def _pin(cpu: int | None) -> None:

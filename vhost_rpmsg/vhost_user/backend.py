@@ -256,7 +256,8 @@ class VhostUserBackend:
 
     def _set_status(self, msg: Message) -> None:
         status = codec.parse_u64(msg)
-        # "device status as defined in the Virtio specification": virtio 1.2 §2.1, one byte
+        # "device status as defined in the Virtio specification" (SET_STATUS): virtio 1.2
+        # §2.1 defines bits up to FAILED (128)
         if status > 0xFF:
             raise RequestFailed(f"status 0x{status:x} has bits beyond the status byte")
         self.status = status

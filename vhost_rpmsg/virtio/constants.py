@@ -29,7 +29,7 @@ VIRTIO_RPMSG_F_NS = 0
 
 # -- split rings (2.7 Split Virtqueues) -----------------------------------------------------
 # The spec's VIRTQ_*; "the constants as VRING_DESC_F_NEXT, etc, but the layout and values
-# were identical" (virtio 1.2 §2.7.5, note on the legacy names).
+# were identical" (virtio 1.2 §2.7.5; §2.7.6 and §2.7.8 say the same of the ring flags).
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4

@@ -52,7 +52,9 @@ class Region:
             raise BadAddress("region of size 0")
         if spec.gpa + spec.size > 1 << 64:
             raise BadAddress("region wraps the 64-bit address space")
-        # mmap offsets must be page aligned: map from the page below and skip the rest.
+        # ":mmap offset: 64-bit offset where region starts in the mapped memory" (vhost-user.rst,
+        # Memory region description).  mmap offsets must be page aligned: map from the page
+        # below and skip the rest.
         aligned = spec.mmap_offset - spec.mmap_offset % _PAGE
         skip = spec.mmap_offset - aligned
         try:
@@ -119,6 +121,7 @@ class GuestMemory:
 
     def add(self, spec: RegionSpec) -> None:
         """Add one region (ADD_MEM_REG).  The caller keeps the fd."""
+        # GET_MAX_MEM_SLOTS answers max_regions: "the maximum number of memory slots"
         if len(self.regions) >= self.max_regions:
             raise BadAddress(f"no free memory slot (max {self.max_regions})")
         region = Region.map(spec)
@@ -160,6 +163,8 @@ class GuestMemory:
 
     def find_gpa(self, gpa: int, length: int) -> tuple[int, int]:
         """(region index, offset) of ``[gpa, gpa+length)``, which must lie in one region."""
+        # "Guest addresses map to the vhost memory region containing that guest address."
+        # (vhost-user.rst, Memory access)
         for i, r in enumerate(self.regions):
             off = gpa - r.gpa
             if off >= 0 and off + length <= r.size:

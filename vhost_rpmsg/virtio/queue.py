@@ -392,6 +392,10 @@ class Queue(Protocol):
         """Chains the guest made available and we have not taken yet."""
         ...
 
+    def has_available(self) -> bool:
+        """Mapped, and the guest made chains available that we have not taken."""
+        ...
+
     def pop_batch(self, max_chains: int) -> list[Chain]:
         """Take up to ``max_chains`` available chains, each validated and translated."""
         ...

@@ -273,6 +273,9 @@ class CffiQueue:
     def pending(self) -> int:
         return self.reference.pending()
 
+    def has_available(self) -> bool:
+        return self.reference.has_available()
+
     def unpop(self, count: int) -> None:
         self.reference.unpop(count)
 

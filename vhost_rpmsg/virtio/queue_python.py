@@ -1,5 +1,8 @@
 """The reference ("python") engine: split-ring operations over numpy views of the rings.
 
+Section numbers (§) in the comments are the VIRTIO 1.2 specification's (§2.7 Split
+Virtqueues); the rules quoted are those the walk and the ring updates enforce.
+
 Readable first; the cffi engine (``queue_cffi.py``) must give exactly its results.  Every
 guest address is bounds checked through :class:`~vhost_rpmsg.virtio.memory.GuestMemory`,
 and every malformed chain comes back as a :class:`~.queue.Chain` with an ``error`` so the
@@ -190,6 +193,9 @@ class PythonQueue:
                 except BadAddress:
                     chain.error = ChainError.ADDR_OUT_OF_BOUNDS
                     return chain
+                # Device requirements: "The device MUST ignore the write-only flag" here, and
+                # "MUST handle the case of zero or more normal chained descriptors followed
+                # by a single descriptor with flags&VIRTQ_DESC_F_INDIRECT".
                 table = mem.view(r, off, length).view("<u8")
                 limit = length // DESC_SIZE
                 idx = 0
@@ -206,16 +212,19 @@ class PythonQueue:
                     chain.writable.append((r, off, length))
                     chain.write_len += length
                 else:
+                    # §2.7.4.2: "The driver MUST place any device-writable descriptor
+                    # elements after any device-readable descriptor elements."
                     if chain.writable:
                         chain.error = ChainError.READABLE_AFTER_WRITABLE
                         return chain
                     chain.readable.append((r, off, length))
                     chain.read_len += length
-            elif not flags & VRING_DESC_F_WRITE and chain.writable:
+            elif not flags & VRING_DESC_F_WRITE and chain.writable:  # §2.7.4.2 as well
                 chain.error = ChainError.READABLE_AFTER_WRITABLE
                 return chain
             if not flags & VRING_DESC_F_NEXT:
                 return chain
+            # next indexes this table: queue size entries (§2.7.5), or len / 16 (§2.7.5.3)
             if nxt >= limit:
                 chain.error = ChainError.NEXT_OUT_OF_RANGE
                 return chain
@@ -258,6 +267,7 @@ class PythonQueue:
             used32[slot + 1] = written
             idx = (idx + 1) & 0xFFFF
         # x86 keeps stores in order; the idx store below is the publication point.
+        # §2.7.8.2: "The device MUST set len prior to updating the used idx."
         self.state.used16[1] = idx
         self.state.used_idx = idx
         self.state.stats.pushed += len(entries)
@@ -284,7 +294,7 @@ class PythonQueue:
         pairs[slots, 0] = h[n - k :]
         pairs[slots, 1] = written
         idx = (idx + n) & 0xFFFF
-        self.state.used16[1] = idx  # the publication point, after the elements
+        self.state.used16[1] = idx  # the publication point, after the elements (§2.7.8.2)
         self.state.used_idx = idx
         self.state.stats.pushed += n
 
@@ -296,18 +306,24 @@ class PythonQueue:
         if new == old:
             return False
         if self.state.event_idx:
+            # §2.7.7.2: "The device MUST ignore the lower bit of flags."; for any entry pushed
+            # whose used idx "was equal to used_event, the device MUST send a notification."
             event = int(self.state.avail[2 + self.state.size])
             return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        # §2.7.7.2: "The device MUST ignore the used_event value."; "If flags is 0, the
+        # device MUST send a notification."
         return not int(self.state.avail[0]) & VRING_AVAIL_F_NO_INTERRUPT
 
     def disable_kicks(self) -> None:
         """Tell the guest not to kick while we are draining the ring anyway."""
+        # §2.7.10.2: without EVENT_IDX "The device MUST set flags to 0 or 1."; with it, 0.
         if not self.state.event_idx:
             self.state.used16[0] = VRING_USED_F_NO_NOTIFY
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on the next buffer; True if buffers raced in meanwhile."""
         if self.state.event_idx:
+            # §2.7.10.2: "The device MAY use avail_event to advise the driver"
             self.state.used16[2 + 4 * self.state.size] = self.state.last_avail_idx
         else:
             self.state.used16[0] = 0
@@ -360,6 +376,7 @@ class PythonQueue:
         changed since ``chain`` was popped.
         """
         mem = self._copy_memory(chain, offset)
+        # §2.7.5.1: "A device MUST NOT write to a device-readable buffer": writable only.
         src = memoryview(data)
         pos = 0
         total = len(src)

@@ -1,7 +1,7 @@
 /*
  * vring.c - split-virtqueue engine for vhost-rpmsg (see vring.h).
  *
- * Every rule here mirrors vhost_rpmsg/virtqueue.py; when changing one, change the other
+ * Every rule here mirrors vhost_rpmsg/virtio/queue_python.py; when changing one, change the other
  * and run tests/test_engine_differential.py.
  */
 #include "vring.h"
@@ -71,7 +71,7 @@ static inline void record(const seg_sink *b, uint64_t slot, uint32_t region, uin
     }
 }
 
-/* SplitQueue._walk, check for check.  Segments go to b from index s0 on. */
+/* PythonQueue._walk, check for check.  Segments go to b from index s0 on. */
 static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, const seg_sink *b,
                     uint64_t s0, walk_result *w)
 {
@@ -166,7 +166,6 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
 
     b->nchains = b->nsegs = b->nbad = 0;
     b->need = 0;
-    b->data_used = 0;
     if (!(b->flags & VR_F_CONTINUE)) {
         /* The acquire orders every later read of ring entries and descriptors after it. */
         const uint16_t avail_idx = ld16_acquire(ring->avail + 2);
@@ -190,20 +189,6 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
         if (w.nseg > (uint64_t)b->seg_cap - s0) {
             b->need = w.nseg;
             return VR_POP_NEED_SEGS;
-        }
-        if (b->data && err == VR_CHAIN_OK) {
-            const uint64_t want = w.read_len < b->data_limit ? w.read_len : b->data_limit;
-            if (want > b->data_cap - b->data_used) {
-                b->need = want;
-                return VR_POP_NEED_DATA;
-            }
-            copy_readable(ring, &sink, s0, w.nread, want, b->data + b->data_used);
-            b->data_off[i] = b->data_used;
-            b->data_len[i] = want;
-            b->data_used += want;
-        } else if (b->data) {
-            b->data_off[i] = b->data_used;
-            b->data_len[i] = 0;
         }
         b->heads[i] = head;
         b->errors[i] = err;
@@ -366,7 +351,7 @@ int vr_enable_kicks(const vr_ring *ring, uint16_t last_avail, int event_idx)
 /* -- payload copies --------------------------------------------------------------------- */
 
 /*
- * Both copies walk the segments as SplitQueue.read_chain/write_chain do: skip whole
+ * Both copies walk the segments as PythonQueue.read_chain/write_chain do: skip whole
  * segments while the offset covers them, then take min(rest of segment, rest wanted).
  * A first pass checks every byte range that will be touched; only then is anything copied.
  */
@@ -389,12 +374,6 @@ static int64_t check(const vr_region *regions, uint32_t nregions, const uint64_t
         done += take;
     }
     return (int64_t)done;
-}
-
-char *vr_range(const vr_region *regions, uint32_t nregions, uint64_t r, uint64_t off,
-               uint64_t len)
-{
-    return (char *)region_range(regions, nregions, r, off, len);
 }
 
 int64_t vr_gather(const vr_region *regions, uint32_t nregions, const uint64_t *segs,
@@ -464,44 +443,4 @@ int64_t vr_split_headers(const uint8_t *data, uint64_t data_len, const int64_t *
             memset(o + take, 0, hdr_size - take);
     }
     return 0;
-}
-
-int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
-		       const int64_t *lengths, const uint8_t *skip, int64_t n, int64_t *out)
-{
-	int64_t *src = out, *dst = out + n, *poff = out + 2 * n, *plen = out + 3 * n;
-	int64_t *bad_idx = out + 4 * n, *bad_why = out + 5 * n;
-	int64_t good = 0, bad = 0, same = 1;
-
-	for (int64_t i = 0; i < n; i++) {
-		int64_t off = offsets[i], len = lengths[i];
-
-		if (skip && skip[i])
-			continue;
-		if (off < 0 || len < 0 || (uint64_t)off > data_len ||
-		    (uint64_t)len > data_len - (uint64_t)off)
-			return -1;
-		if (len < 16) {
-			bad_idx[bad] = i;
-			bad_why[bad++] = VR_MSG_SHORT;
-			continue;
-		}
-		const uint8_t *h = data + off;
-		int64_t payload = (int64_t)get_le16(h + 12);
-		if (payload > len - 16) {
-			bad_idx[bad] = i;
-			bad_why[bad++] = VR_MSG_TOO_LONG;
-			continue;
-		}
-		src[good] = get_le32(h);
-		dst[good] = get_le32(h + 4);
-		if (good && dst[good] != dst[0])
-			same = 0;
-		poff[good] = off + 16;
-		plen[good] = payload;
-		good++;
-	}
-	out[6 * n] = bad;
-	out[6 * n + 1] = same;
-	return good;
 }

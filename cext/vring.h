@@ -1,7 +1,7 @@
 /*
  * vring.h - the split-virtqueue engine of vhost-rpmsg in C.
  *
- * A drop-in for the loops of vhost_rpmsg/virtqueue.py (SplitQueue): every function here
+ * The loops of vhost_rpmsg/virtio/queue_python.py (PythonQueue) in C: every function here
  * does exactly what the Python reference does, check for check and in the same order, so
  * the two engines give identical results on any ring, including hostile ones.  Python
  * keeps all policy (stats, logging, QueueBroken); C only walks, copies and orders.
@@ -25,7 +25,7 @@
  */
 /* cffi:begin */
 
-/* Chain errors: the values of vhost_rpmsg.virtqueue.ChainError. */
+/* Chain errors: the values of vhost_rpmsg.virtio.queue.ChainError. */
 #define VR_CHAIN_OK                      0
 #define VR_CHAIN_HEAD_OUT_OF_RANGE       1
 #define VR_CHAIN_NEXT_OUT_OF_RANGE       2
@@ -73,17 +73,13 @@ typedef struct vr_ring {
  * segments first, then its nwrite[i] writable ones (the walk never records a readable
  * buffer after a writable one).  Segment j is (seg_region[j], seg_off[j], seg_len[j])
  * with seg_writable[j] 0 or 1.  A chain with an error keeps the segments found before it.
- *
- * With data != NULL, each chain without error also has its first min(data_limit,
- * read_len[i]) readable bytes copied to data + data_off[i], data_len[i] bytes long.
+ * Payloads are not copied: vr_pop_raw does that, for the hot path.
  */
 typedef struct vr_batch {
     /* in */
     uint32_t max_chains; /* capacity of the per-chain arrays; the most to pop */
     uint32_t flags;      /* VR_F_* */
     uint32_t seg_cap;    /* capacity of the segment arrays */
-    uint64_t data_cap;   /* capacity of data (ignored when data is NULL) */
-    uint64_t data_limit; /* bytes to copy per chain at most */
     /* in/out */
     uint16_t last_avail;
     /* out */
@@ -93,8 +89,7 @@ typedef struct vr_batch {
     uint32_t nchains;   /* chains popped by this call */
     uint32_t nsegs;
     uint32_t nbad;      /* chains with an error among them */
-    uint64_t need;      /* NEED_SEGS: segments, NEED_DATA: bytes, of the chain that did not fit */
-    uint64_t data_used;
+    uint64_t need;      /* NEED_SEGS: segments of the chain that did not fit */
     /* per-chain arrays, max_chains entries each */
     uint32_t *heads;
     uint8_t *errors;
@@ -103,19 +98,15 @@ typedef struct vr_batch {
     uint32_t *nwrite;
     uint64_t *read_len;
     uint64_t *write_len;
-    uint64_t *data_off; /* only with data */
-    uint64_t *data_len; /* only with data */
     /* segment arrays, seg_cap entries each */
     uint32_t *seg_region;
     uint64_t *seg_off;
     uint32_t *seg_len;
     uint8_t *seg_writable;
-    /* optional payload buffer */
-    uint8_t *data;
 } vr_batch;
 
 /*
- * Take available chains, walking each like SplitQueue._walk.  Unless VR_F_CONTINUE is
+ * Take available chains, walking each like PythonQueue._walk.  Unless VR_F_CONTINUE is
  * set, first reads the avail idx (acquire) and fails with VR_POP_AHEAD if it is more
  * than size ahead of last_avail, before looking at max_chains.  last_avail advances past
  * every chain popped, also when the call stops early with VR_POP_NEED_*; the caller then
@@ -124,7 +115,7 @@ typedef struct vr_batch {
 int vr_pop_batch(const vr_ring *ring, vr_batch *b);
 
 /*
- * One raw pop (SplitQueue.pop_raw_batch): per-chain results go straight into one
+ * One raw pop (PythonQueue.pop_raw_batch): per-chain results go straight into one
  * caller block, nothing per segment comes back.
  *
  * The block holds cap chains as five arrays, in this order (8-byte aligned):
@@ -199,7 +190,7 @@ uint16_t vr_push_batch(const vr_ring *ring, uint16_t used_idx, const uint32_t *e
 uint16_t vr_push_used(const vr_ring *ring, uint16_t used_idx, const uint32_t *heads,
                       uint32_t n, uint32_t len);
 
-/* A full memory barrier (what virtqueue.full_fence() approximates with a lock). */
+/* A full memory barrier (what queue_python.full_fence() approximates with a lock). */
 void vr_full_fence(void);
 
 /*
@@ -226,35 +217,9 @@ int vr_enable_kicks(const vr_ring *ring, uint16_t last_avail, int event_idx);
 int64_t vr_gather(const vr_region *regions, uint32_t nregions, const uint64_t *segs,
                   uint32_t nsegs, uint64_t offset, uint64_t want, uint8_t *out);
 
-/*
- * The host address of [off, off + len) of region r, or NULL if that range is not wholly
- * inside the region (or r is not in the table): the one-segment form of the re-check.
- */
-char *vr_range(const vr_region *regions, uint32_t nregions, uint64_t r, uint64_t off,
-               uint64_t len);
-
 /* The reverse of vr_gather: copy len bytes of src into the segments from offset on. */
 int64_t vr_scatter(const vr_region *regions, uint32_t nregions, const uint64_t *segs,
                    uint32_t nsegs, uint64_t offset, const uint8_t *src, uint64_t len);
-
-/*
- * The rpmsg step of the guest->host hot path: check and split the 16-byte rpmsg headers
- * (u32 src, u32 dst, u32 reserved, u16 len, u16 flags, little-endian) of n messages that
- * vr_pop_raw packed into data.  Message i is data[offsets[i], +lengths[i]); skip[i] != 0
- * (skip may be NULL) means "not a message" (a bad chain) and it is passed over.
- *
- * out holds 6 * n + 2 int64 slots: the good messages, in order, go to out[0..) (src),
- * out[n..) (dst), out[2n..) (payload offset in data), out[3n..) (payload length); the
- * malformed ones to out[4n..) (index) and out[5n..) (why: VR_MSG_SHORT, no room for a
- * header; VR_MSG_TOO_LONG, len exceeds what follows the header).  out[6n] is the number
- * of malformed messages, out[6n + 1] is 1 when all good messages share one destination.
- * Returns the number of good messages, or -1 when a message range does not lie inside
- * data (the caller's arrays are inconsistent).
- */
-#define VR_MSG_SHORT 1
-#define VR_MSG_TOO_LONG 2
-int64_t vr_rpmsg_split(const uint8_t *data, uint64_t data_len, const int64_t *offsets,
-                       const int64_t *lengths, const uint8_t *skip, int64_t n, int64_t *out);
 
 /*
  * Gather the first hdr_size bytes of each of count chains packed into data (as vr_pop_raw

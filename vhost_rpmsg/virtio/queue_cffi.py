@@ -148,7 +148,6 @@ class _Batch:
 
     def __init__(self, chains: int = _CHAINS0, segs: int = _SEGS0) -> None:
         self.b = ffi.new("vr_batch *")
-        self.b.data = ffi.NULL  # chains only: payloads are copied by pop_raw_batch
         self.keep: dict[str, Any] = {}
         self.chain_cap = 0
         self.seg_cap = 0

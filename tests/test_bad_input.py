@@ -184,7 +184,7 @@ def test_hostile_tx_chains(echo_server: EchoServer, chain: str) -> None:
             ring.add_raw(ids[0])
             g.tx_inflight[ids[0]] = -1
             if ring.publish():
-                g._kick(1)
+                g.kick_queue(1)
     elif chain == "indirect_in_indirect":
         tbl = g.ram.mem[scratch : scratch + 16].view("<u8")
         tbl[0], tbl[1] = scratch, 16 | (IND << 32)
@@ -262,7 +262,7 @@ def test_avail_index_jump_breaks_only_that_ring(echo_server: EchoServer) -> None
     ring = g.rings[1]
     with g._tx_lock:
         ring.avail[1] = (ring.avail_idx + 1000) & 0xFFFF
-        g._kick(1)
+        g.kick_queue(1)
     b = echo_server.server.backend
     assert b is not None
     wait_until(lambda: b.errors["queue_broken"] == 1)

@@ -219,8 +219,8 @@ def snapshot(g: SimGuest) -> dict[str, Any]:
     return dict(
         ram=bytes(g.ram.mem), rings=rings, tx_free=list(g.tx_free),
         tx_inflight=dict(g.tx_inflight), rx_bufs=dict(g.rx_bufs), rx_held=list(g.rx_held),
-        stats=asdict(g.stats), counters={k: list(v) for k, v in g._counters.items()},
-        inbox={k: list(q.queue) for k, q in g._inbox.items()},
+        stats=asdict(g.stats), counters={k: list(v) for k, v in g.counts.items()},
+        inbox={k: list(q.queue) for k, q in g.inbox.items()},
         channels=dict(g.channels), ns_events=list(g.ns_events.queue),
     )
 
@@ -336,7 +336,7 @@ def counting_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     calls = {"rx": 0, "tx": 0, "tx_messages": 0, "py_reclaim": 0, "py_fill": 0}
     rx, tx = fastpath.GuestFastPath._rx_drain, fastpath.GuestFastPath.send_burst
     run, store = fastpath.GuestFastPath._tx_run, fastpath.GuestFastPath._tx_store
-    reclaim_used, fill_tx = SimGuest._reclaim_used, SimGuest._fill_tx
+    reclaim_used, fill_tx = SimGuest.reclaim_used, SimGuest.fill_tx
     in_c = [False]
 
     def rx_drain(self: fastpath.GuestFastPath, s: Any, r: Any, g: SimGuest,
@@ -375,8 +375,8 @@ def counting_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     monkeypatch.setattr(fastpath.GuestFastPath, "send_burst", send_burst)
     monkeypatch.setattr(fastpath.GuestFastPath, "_tx_run", tx_run)
     monkeypatch.setattr(fastpath.GuestFastPath, "_tx_store", tx_store)
-    monkeypatch.setattr(SimGuest, "_reclaim_used", py_reclaim)
-    monkeypatch.setattr(SimGuest, "_fill_tx", py_fill)
+    monkeypatch.setattr(SimGuest, "reclaim_used", py_reclaim)
+    monkeypatch.setattr(SimGuest, "fill_tx", py_fill)
     return calls
 
 

@@ -235,7 +235,7 @@ def test_flow_control_would_block_and_backpressure(serve: Serve) -> None:
             g.rx_bufs[g.rings[0].add([(gpa, 512, 2)])] = gpa
         g.rx_held.clear()
         if g.rings[0].publish():
-            g._kick(0)
+            g.kick_queue(0)
     got += [g.recv(2000)[1] for _ in range(5)]
     assert got == [b"m%d" % i for i in range(12)] + [b"echo me"]
     assert dev.stats["to_host_messages"] == 1 and dev.stats["to_guest_messages"] == 13

@@ -32,7 +32,7 @@ Split of the work:
   batch, bookkeeping C cannot represent.  So do rx batches too small for C to pay off
   (RX_C_MIN): single-message round trips cost what they cost on the Python path.
   Messages for the name service and inbox endpoints are copied out by C and dispatched
-  by SimGuest._dispatch in ring order.
+  by SimGuest.deliver in ring order.
 
 Memory safety: C works on an export of the guest RAM array taken for one operation (a
 drain, a burst) and released when it ends, so the mapping cannot go away under C and
@@ -356,10 +356,10 @@ class GuestFastPath:
                 self._tx_store(g, ring, r)
                 owned = False
                 if rc == lib.GR_TX_PY_RECLAIM:
-                    g._reclaim_used()
+                    g.reclaim_used()
                 else:
                     batch = t.batch
-                    g._fill_tx(ring, msg, batch)
+                    g.fill_tx(ring, msg, batch)
                     t.left -= batch
                     t.phase = lib.GR_TX_TOP
                 if not self._tx_load(g, ring, r):
@@ -474,8 +474,8 @@ class GuestFastPath:
 
         # Counting endpoints C may count: not shadowed by the name service or an inbox.
         ns = bool(g.features & (1 << VIRTIO_RPMSG_F_NS))
-        inbox = g._inbox
-        addrs = [a for a in list(g._counters)
+        inbox = g.inbox
+        addrs = [a for a in list(g.counts)
                  if a not in inbox and not (ns and a == rp.NS_ADDR) and 0 <= a <= 0xFFFFFFFF]
         k = len(addrs)
         if addrs != s.addrs:
@@ -501,7 +501,7 @@ class GuestFastPath:
             rx_bufs.update(zip(post_ids, ffi.unpack(s.post_gpas, reposted), strict=True))
             ring.avail_idx = (ring.avail_idx + reposted) & 0xFFFF
         if x.counted:
-            counters = g._counters
+            counters = g.counts
             for c, addr in enumerate(addrs):
                 m = s.cmsgs[c]
                 if m:
@@ -524,10 +524,10 @@ class GuestFastPath:
                 g.stats.too_big += 1
                 log.error("simguest: inbound msg too big: %s; buffer lost", e)
                 continue
-            g._dispatch(hdr, payload)
+            g.deliver(hdr, payload)
 
         kick = lib.gr_publish(r, ring.last_kicked, ring.avail_idx)
         ring.last_kicked = ring.avail_idx
         if kick:
-            g._kick(RX)
+            g.kick_queue(RX)
         return True

@@ -111,8 +111,10 @@ class SimGuest:
         self.stats = GuestStats()
         self.channels: dict[str, Channel] = {}
         self.ns_events: queue.Queue[rp.NsMessage] = queue.Queue()
-        self._inbox: dict[int, queue.Queue[tuple[int, bytes]]] = {}
-        self._counters: dict[int, list[int]] = {}
+        #: per open address: messages received and not yet read
+        self.inbox: dict[int, queue.Queue[tuple[int, bytes]]] = {}
+        #: per counting address: [messages, bytes] received
+        self.counts: dict[int, list[int]] = {}
         self._tx_lock = threading.Lock()
         self._rx_lock = threading.Lock()
         self._stop = threading.Event()
@@ -180,7 +182,7 @@ class SimGuest:
                                                daemon=True)
             self._rx_thread.start()
         if rx_needs_kick:
-            self._kick(RX)
+            self.kick_queue(RX)
 
     def reset(self) -> None:
         """Driver unbind/rebind: rings stopped and set up again; memory table not re-sent."""
@@ -237,23 +239,23 @@ class SimGuest:
 
     def open(self, addr: int) -> None:
         """Create a guest endpoint at ``addr`` (messages to it can then be received)."""
-        self._inbox.setdefault(addr, queue.Queue())
+        self.inbox.setdefault(addr, queue.Queue())
 
     def open_counter(self, addr: int) -> None:
         """A guest endpoint that only counts messages and bytes (benchmark receiver)."""
-        self._counters.setdefault(addr, [0, 0])
+        self.counts.setdefault(addr, [0, 0])
 
     def counted(self, addr: int) -> tuple[int, int]:
         """(messages, payload bytes) a counting endpoint has received so far."""
-        n, b = self._counters[addr]
+        n, b = self.counts[addr]
         return n, b
 
     def wait_counted(self, addr: int, messages: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while self._counters[addr][0] < messages:
+        while self.counts[addr][0] < messages:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise GuestTimeout(f"guest address {addr} got {self._counters[addr][0]} of "
+                raise GuestTimeout(f"guest address {addr} got {self.counts[addr][0]} of "
                                    f"{messages} messages in {timeout}s")
             if self.rx_thread:
                 time.sleep(0.0005)
@@ -262,7 +264,7 @@ class SimGuest:
 
     def recv(self, addr: int, timeout: float = 5.0) -> tuple[int, bytes]:
         """(src, payload) of the next message to the guest endpoint ``addr``."""
-        box = self._inbox[addr]
+        box = self.inbox[addr]
         try:
             if self.rx_thread:
                 return box.get(timeout=timeout)
@@ -303,7 +305,7 @@ class SimGuest:
             self.tx_inflight[head] = gpa
             self.stats.tx_messages += 1
             if ring.publish():
-                self._kick(TX)
+                self.kick_queue(TX)
 
     def send_burst(self, src: int, dst: int, payload: bytes, count: int,
                    timeout: float = TX_TIMEOUT) -> None:
@@ -322,10 +324,10 @@ class SimGuest:
                 if not self.tx_free:  # _get_tx_buf reclaims first, then waits
                     self.tx_free.append(self._get_tx_buf(timeout))
                 batch = min(left, len(self.tx_free))
-                self._fill_tx(ring, msg, batch)
+                self.fill_tx(ring, msg, batch)
                 left -= batch
 
-    def _fill_tx(self, ring: DriverRing, msg: bytes, batch: int) -> None:
+    def fill_tx(self, ring: DriverRing, msg: bytes, batch: int) -> None:
         """``batch`` buffers off tx_free, each holding ``msg``, made visible together."""
         n = len(msg)
         for _ in range(batch):
@@ -334,7 +336,7 @@ class SimGuest:
             self.tx_inflight[ring.add([(gpa, n, 0)])] = gpa
         self.stats.tx_messages += batch
         if ring.publish():
-            self._kick(TX)
+            self.kick_queue(TX)
 
     def send_chain(self, bufs: list[tuple[int, int, int]]) -> int:
         """Post an arbitrary chain on the tx ring (for tests of malformed input)."""
@@ -343,7 +345,7 @@ class SimGuest:
             head = ring.add(bufs)
             self.tx_inflight[head] = -1
             if ring.publish():
-                self._kick(TX)
+                self.kick_queue(TX)
             return head
 
     def post_rx_chain(self, bufs: list[tuple[int, int, int]]) -> int:
@@ -353,7 +355,7 @@ class SimGuest:
             head = ring.add(bufs)
             self.rx_bufs[head] = None
             if ring.publish():
-                self._kick(RX)
+                self.kick_queue(RX)
             return head
 
     def _get_tx_buf(self, timeout: float) -> int:
@@ -380,7 +382,7 @@ class SimGuest:
 
     def _reclaim_tx(self) -> None:
         self._tx_irq()
-        self._reclaim_used()
+        self.reclaim_used()
 
     def _tx_irq(self) -> None:
         """Take a pending tx interrupt, if there is one."""
@@ -390,7 +392,7 @@ class SimGuest:
         except BlockingIOError:
             pass
 
-    def _reclaim_used(self) -> None:
+    def reclaim_used(self) -> None:
         """Take back the buffers of the used tx entries."""
         for head, _length in self.rings[TX].get_used():
             gpa = self.tx_inflight.pop(head)
@@ -450,15 +452,15 @@ class SimGuest:
                 self.stats.too_big += 1
                 log.error("simguest: inbound msg too big: %s; buffer lost", e)
                 continue
-            self._dispatch(hdr, payload)
+            self.deliver(hdr, payload)
             if not self.repost_rx:
                 self.rx_held.append(gpa)
                 continue
             self.rx_bufs[ring.add([(gpa, rp.BUF_SIZE, VRING_DESC_F_WRITE)])] = gpa
         if ring.publish():
-            self._kick(RX)
+            self.kick_queue(RX)
 
-    def _dispatch(self, hdr: rp.Header, payload: bytes) -> None:
+    def deliver(self, hdr: rp.Header, payload: bytes) -> None:
         self.stats.rx_messages += 1
         if hdr.dst == rp.NS_ADDR and self.features & (1 << VIRTIO_RPMSG_F_NS):
             try:
@@ -474,9 +476,9 @@ class SimGuest:
             self.stats.events[f"ns_{ns.flags.name.lower()}"] += 1
             self.ns_events.put(ns)
             return
-        box = self._inbox.get(hdr.dst)
+        box = self.inbox.get(hdr.dst)
         if box is None:
-            counter = self._counters.get(hdr.dst)
+            counter = self.counts.get(hdr.dst)
             if counter is not None:
                 counter[0] += 1
                 counter[1] += len(payload)
@@ -487,7 +489,7 @@ class SimGuest:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _kick(self, q: int) -> None:
+    def kick_queue(self, q: int) -> None:
         os.eventfd_write(self.kick[q], 1)
         if q == RX:
             self.stats.rx_kicks += 1

@@ -260,8 +260,8 @@ class VhostRpmsg:
                 assert it.chain is not None
                 # A short copy still delivers the declared length (zero-filled at start),
                 # so the guest never sees a header claiming bytes that are not there.
+                self.device.stats["to_guest_messages"] += 1  # before the guest sees it
                 q.push_batch([(it.chain.head, rp.HDR_SIZE + it.len)])
-                self.device.stats["to_guest_messages"] += 1
             else:
                 q.push_used(np.array([it.head], np.uint32), 0)
                 self.device.stats["to_host_messages"] += 1

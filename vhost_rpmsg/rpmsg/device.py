@@ -403,7 +403,6 @@ class RpmsgDevice(VirtioDevice):
                     raise
                 vr.notify()
             if wrote:
-                self.stats["to_guest_messages"] += wrote
                 self.lock.notify_all()
         if wrote and self._room is not None:
             self._room.set()

@@ -68,6 +68,7 @@ class Outbox:
                     continue
                 break
             used = []
+            written = 0
             for k, c in enumerate(chains):
                 if not out:
                     # A bad chain in the batch left good ones over: they stay in the
@@ -81,7 +82,10 @@ class Outbox:
                     continue
                 out.popleft()
                 used.append((c.head, n))
-                wrote += 1
+                written += 1
+            # Counted before the guest can see them, so the count never lags behind.
+            self._stats["to_guest_messages"] += written
+            wrote += written
             q.push_batch(used)
         return wrote
 

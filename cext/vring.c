@@ -14,6 +14,8 @@
 /* -- address translation ---------------------------------------------------------------- */
 
 /* GuestMemory.find_gpa: the first region holding all of [gpa, gpa + len). */
+/* "Guest addresses map to the vhost memory region containing that guest address."
+ * (vhost-user.rst, Memory access) */
 static inline int find_gpa(const vr_region *regions, uint32_t nregions, uint64_t gpa,
                            uint64_t len, uint32_t *region, uint64_t *off)
 {
@@ -84,12 +86,15 @@ static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, const s
     int nested = 0;
 
     memset(w, 0, sizeof *w);
+    /* virtio 1.2 §2.7.5: "The number of descriptors in the table is defined by the queue size" */
     if (head >= ring->size)
         return VR_CHAIN_HEAD_OUT_OF_RANGE;
     for (;;) {
         uint32_t r;
         uint64_t off;
 
+        /* virtio 1.2 §2.7.5: "this is the maximum possible descriptor chain length"; §2.7.5.2:
+         * "this implies that loops in the descriptor chain are forbidden!" */
         if (++seen > limit)
             return VR_CHAIN_LOOP;
         const uint8_t *d = table + DESC_SIZE * idx; /* idx < limit: inside the table */
@@ -100,13 +105,20 @@ static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, const s
         const uint32_t next = (uint32_t)(word >> 48);
 
         if (flags & F_INDIRECT) {
+            /* virtio 1.2 §2.7.5.3: "MUST NOT set the VIRTQ_DESC_F_INDIRECT flag unless the
+             * VIRTIO_F_INDIRECT_DESC feature was negotiated" */
             if (!indirect_ok)
                 return VR_CHAIN_INDIRECT_NOT_NEGOTIATED;
+            /* virtio 1.2 §2.7.5.3: "(ie. only one table per descriptor)" */
             if (nested)
                 return VR_CHAIN_INDIRECT_NESTED;
+            /* virtio 1.2 §2.7.5.3: "MUST NOT set both VIRTQ_DESC_F_INDIRECT and
+             * VIRTQ_DESC_F_NEXT" */
             if (flags & F_NEXT)
                 return VR_CHAIN_INDIRECT_WITH_NEXT;
             /* Empty, ragged, or more descriptors than the queue holds. */
+            /* virtio 1.2 §2.7.5.3: "struct virtq_desc desc[len / 16];" and "A driver MUST NOT
+             * create a descriptor chain longer than the Queue Size of the device." */
             if (len == 0 || len % DESC_SIZE || len / DESC_SIZE > ring->size)
                 return VR_CHAIN_INDIRECT_BAD_LEN;
             if (!find_gpa(regions, nregions, addr, len, &r, &off))
@@ -126,6 +138,8 @@ static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, const s
                 w->nwrite++;
                 w->write_len += len;
             } else {
+                /* virtio 1.2 §2.7.4.2: "The driver MUST place any device-writable descriptor
+                 * elements after any device-readable descriptor elements." */
                 if (w->nwrite)
                     return VR_CHAIN_READABLE_AFTER_WRITABLE;
                 record(b, s0 + w->nseg++, r, off, len, 0);
@@ -133,10 +147,14 @@ static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, const s
                 w->read_len += len;
             }
         } else if (!(flags & F_WRITE) && w->nwrite) {
+            /* virtio 1.2 §2.7.4.2: "The driver MUST place any device-writable descriptor
+             * elements after any device-readable descriptor elements." */
             return VR_CHAIN_READABLE_AFTER_WRITABLE;
         }
         if (!(flags & F_NEXT))
             return VR_CHAIN_OK;
+        /* next indexes this table: queue size entries (virtio 1.2 §2.7.5), or len / 16
+         * (§2.7.5.3) */
         if (next >= limit)
             return VR_CHAIN_NEXT_OUT_OF_RANGE;
         idx = next;
@@ -172,6 +190,8 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
         const uint32_t pending = (uint16_t)(avail_idx - last);
         b->avail_idx = avail_idx;
         b->pending = pending;
+        /* virtio 1.2 §2.7: "Queue Size corresponds to the maximum number of buffers in the
+         * virtqueue" */
         if (pending > ring->size)
             return VR_POP_AHEAD;
         n = pending < b->max_chains ? pending : b->max_chains;
@@ -235,6 +255,8 @@ int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
         const uint32_t pending = (uint16_t)(avail_idx - last_avail);
         r->avail_idx = avail_idx;
         r->pending = pending;
+        /* virtio 1.2 §2.7: "Queue Size corresponds to the maximum number of buffers in the
+         * virtqueue" */
         if (pending > ring->size)
             return VR_POP_AHEAD;
         r->total = pending < cap ? pending : cap;
@@ -296,6 +318,7 @@ uint16_t vr_push_batch(const vr_ring *ring, uint16_t used_idx, const uint32_t *e
         idx = (uint16_t)(idx + 1);
     }
     /* The publication point: the elements above are visible before the new idx. */
+    /* virtio 1.2 §2.7.8.2: "The device MUST set len prior to updating the used idx." */
     st16_release(ring->used + 2, idx);
     return idx;
 }
@@ -312,6 +335,7 @@ uint16_t vr_push_used(const vr_ring *ring, uint16_t used_idx, const uint32_t *he
         st32(elem + 4, len);
         idx = (uint16_t)(idx + 1);
     }
+    /* virtio 1.2 §2.7.8.2: "The device MUST set len prior to updating the used idx." */
     st16_release(ring->used + 2, idx);
     return idx;
 }
@@ -327,19 +351,24 @@ int vr_need_notify(const vr_ring *ring, uint16_t new_idx, uint16_t old_idx, int 
     if (new_idx == old_idx)
         return 0;
     if (event_idx) {
+        /* virtio 1.2 §2.7.7.2: "The device MUST ignore the lower bit of flags." */
         return need_event(ld16(ring->avail + 4 + 2 * ring->size), new_idx, old_idx);
     }
+    /* virtio 1.2 §2.7.7.2: "If flags is 0, the device MUST send a notification." */
     return !(ld16(ring->avail) & AVAIL_F_NO_INTERRUPT);
 }
 
 void vr_disable_kicks(const vr_ring *ring, int event_idx)
 {
+    /* virtio 1.2 §2.7.10.2: "The device MUST set flags to 0 or 1." */
     if (!event_idx)
         st16(ring->used, USED_F_NO_NOTIFY);
 }
 
 int vr_enable_kicks(const vr_ring *ring, uint16_t last_avail, int event_idx)
 {
+    /* virtio 1.2 §2.7.10.2: "The device MAY use avail_event to advise the driver" (event idx);
+     * "The device MUST set flags to 0 or 1." (no event idx) */
     if (event_idx)
         st16(ring->used + 4 + 8 * ring->size, last_avail);
     else

@@ -97,21 +97,23 @@ def parse(rb: RawBatch, split_headers: SplitHeaders = numpy_split_headers) -> Pa
     offsets, lengths = rb.offsets, rb.lengths
     if idx is not None:
         headers, offsets, lengths = headers[idx], offsets[idx], lengths[idx]
-    chain_ids = np.arange(rb.count) if idx is None else idx
-    hdr = np.ascontiguousarray(headers).view(_HDR_DTYPE)[:, 0]
-    short = lengths < rp.HDR_SIZE
-    plen = hdr["len"].astype(np.int64)
-    too_long = ~short & (plen > lengths - rp.HDR_SIZE)
-    bad = short | too_long
+    if not headers.flags.c_contiguous:
+        headers = np.ascontiguousarray(headers)
+    hdr = headers.view(_HDR_DTYPE)[:, 0]
+    # One comparison finds both faults: a chain shorter than a header has negative room.
+    bad = hdr["len"] > lengths - rp.HDR_SIZE
     bad_messages = []
     if bad.any():
+        chain_ids = np.arange(rb.count) if idx is None else idx
         for k in np.flatnonzero(bad).tolist():
             n = int(lengths[k])
-            why = _short_why(n) if short[k] else _long_why(int(plen[k]), n)
+            why = (_short_why(n) if n < rp.HDR_SIZE
+                   else _long_why(int(hdr["len"][k]), n))
             bad_messages.append((int(chain_ids[k]), why))
         keep = ~bad
-        hdr, offsets, plen = hdr[keep], offsets[keep], plen[keep]
-    return Parsed(_runs(rb.data, hdr["src"], hdr["dst"], offsets + rp.HDR_SIZE, plen),
+        hdr, offsets = hdr[keep], offsets[keep]
+    return Parsed(_runs(rb.data, hdr["src"], hdr["dst"], offsets + rp.HDR_SIZE,
+                        hdr["len"].astype(np.int64)),
                   bad_chains, bad_messages)
 
 

@@ -327,14 +327,14 @@ class RpmsgDevice(VirtioDevice):
         """
         msg = self._encode(src, dst, data)
         with self.lock:
-            if self.outbox.room() <= 0:
+            if not self.outbox.offer(msg):
                 self.flush()
-                if self.outbox.room() <= 0:
+                if not self.outbox.offer(msg):
                     self.stats["would_block"] += 1
                     raise WouldBlock(f"guest has no free rx buffer and {len(self.outbox)} "
                                      "messages are queued")
-            self.outbox.append(msg)
-            self._flush_soon()
+            if not self._flush_pending:
+                self._flush_soon()
 
     def send_many(self, src: int, messages: list[tuple[int, bytes]]) -> None:
         """Send several (dst, payload) messages from ``src``: one pass over the ring, one

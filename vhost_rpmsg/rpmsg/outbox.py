@@ -40,6 +40,14 @@ class Outbox:
     def append(self, msg: bytes) -> None:
         self._q.append(msg)
 
+    def offer(self, msg: bytes) -> bool:
+        """Queue ``msg`` if there is room; whether it was queued (one call: the hot path)."""
+        q = self._q
+        if len(q) >= self.limit:
+            return False
+        q.append(msg)
+        return True
+
     def extend(self, msgs: Iterable[bytes]) -> None:
         self._q.extend(msgs)
 

@@ -1,15 +1,15 @@
 """Build hook for the C extensions; all project metadata lives in pyproject.toml.
 
 setuptools reads no ``cffi_modules`` key from pyproject.toml, so the cffi extensions
-``_vhost_rpmsg_vring`` (cext/build_vring.py) and ``_vhost_rpmsg_guest``
-(cext/build_guest.py) are declared here.  They are top-level modules, not inside the
+``_vhost_rpmsg_vring`` (cext/build_vring.py), ``_vhost_rpmsg_headers``
+(cext/build_rpmsg.py) and ``_vhost_rpmsg_guest`` (cext/build_guest.py) are declared here.  They are top-level modules, not inside the
 ``vhost_rpmsg`` package, so that the installed ones are found also when the package itself
 is imported from a checkout (``python -m pytest`` puts the project root first on
 sys.path, and the work tree has no compiled modules).  The sdist also needs the
 extensions' headers and build scripts, which setuptools would leave out.
 
-The ring engine ``_vhost_rpmsg_vring`` is mandatory: a failure to build it fails the
-install.  The simulated guest's fast path ``_vhost_rpmsg_guest`` is optional: a failure
+The ring engine ``_vhost_rpmsg_vring`` and the rpmsg header check
+``_vhost_rpmsg_headers`` are mandatory: a failure to build them fails the install.  The simulated guest's fast path ``_vhost_rpmsg_guest`` is optional: a failure
 to build it is a warning (the simulator then runs its pure-Python path), and
 ``VHOST_RPMSG_NO_SIMULATOR_C=1`` leaves it out altogether.
 """
@@ -25,6 +25,7 @@ from setuptools.command.sdist import sdist
 
 CEXT_FILES = ["cext/_build_common.py", "cext/ring_primitives.h",
               "cext/build_vring.py", "cext/vring.c", "cext/vring.h",
+              "cext/build_rpmsg.py", "cext/rpmsg_headers.c", "cext/rpmsg_headers.h",
               "cext/build_guest.py", "cext/guest_ring.c", "cext/guest_ring.h"]
 
 SIMULATOR_C = "_vhost_rpmsg_guest"
@@ -78,7 +79,7 @@ class BuildExtOptionalSimulator(build_ext):
             raise
 
 
-cffi_modules = ["cext/build_vring.py:ffibuilder"]
+cffi_modules = ["cext/build_vring.py:ffibuilder", "cext/build_rpmsg.py:ffibuilder"]
 if not NO_SIMULATOR_C:
     cffi_modules.append("cext/build_guest.py:ffibuilder")
 

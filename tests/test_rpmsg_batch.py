@@ -55,20 +55,24 @@ def test_vector_and_small_paths_agree(items: list[tuple[bytes, int, bool]]) -> N
     try:
         B.VECTOR_MIN = 10**9
         small = B.parse(rb)
-        B.VECTOR_MIN = 1
+        B.VECTOR_MIN, old_check, B.NATIVE_CHECK = 1, B.NATIVE_CHECK, False
         vector = B.parse(rb)
     finally:
         B.VECTOR_MIN = old
+        B.NATIVE_CHECK = old_check
     assert _flat(small) == _flat(vector)
     assert small.bad_messages == vector.bad_messages  # same reasons, word for word
-    if NATIVE:
-        B.VECTOR_MIN, old = 1, B.VECTOR_MIN
-        try:
-            native = B.parse(rb, native_split)
-        finally:
-            B.VECTOR_MIN = old
-        assert _flat(native) == _flat(small)
-        assert native.bad_messages == small.bad_messages
+    splits = [numpy_split, native_split] if NATIVE else [numpy_split]
+    checks = [False, True] if B._lib is not None else [False]
+    for split in splits:
+        for check in checks:
+            B.VECTOR_MIN, old, B.NATIVE_CHECK, old_check = 1, B.VECTOR_MIN, check, B.NATIVE_CHECK
+            try:
+                other = B.parse(rb, split)
+            finally:
+                B.VECTOR_MIN, B.NATIVE_CHECK = old, old_check
+            assert _flat(other) == _flat(small), (split, check)
+            assert other.bad_messages == small.bad_messages
     flat = _flat(small)
     # and both match a plain decode of each good chain
     expect = []
@@ -83,10 +87,13 @@ def test_vector_and_small_paths_agree(items: list[tuple[bytes, int, bool]]) -> N
     assert flat[0] == expect
 
 
+@pytest.mark.parametrize("check", [False, True], ids=["numpy-check", "c-check"])
 @pytest.mark.parametrize("path", ["vector", "small", "native"])
-def test_runs_split_by_destination_in_order(path: str) -> None:
-    if path == "native" and not NATIVE:
+def test_runs_split_by_destination_in_order(path: str, check: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    if (path == "native" and not NATIVE) or (check and B._lib is None):
         pytest.skip("cffi extension not built")
+    monkeypatch.setattr(B, "NATIVE_CHECK", check)
     msgs = [rp.encode_message(9, d, b"%d" % i) for i, d in enumerate([5, 5, 6, 5, 5, 5])]
     B.VECTOR_MIN, old = (100 if path == "small" else 1), B.VECTOR_MIN
     try:
@@ -99,11 +106,14 @@ def test_runs_split_by_destination_in_order(path: str) -> None:
     assert p.runs[2].total_bytes() == 3
 
 
+@pytest.mark.parametrize("check", [False, True], ids=["numpy-check", "c-check"])
 @pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("err", [ChainError.LOOP, ChainError.ADDR_OUT_OF_BOUNDS])
-def test_bad_chains_are_reported(err: ChainError, native: bool) -> None:
-    if native and not NATIVE:
+def test_bad_chains_are_reported(err: ChainError, native: bool, check: bool,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if (native and not NATIVE) or (check and B._lib is None):
         pytest.skip("cffi extension not built")
+    monkeypatch.setattr(B, "NATIVE_CHECK", check)
     B.VECTOR_MIN, old = 1, B.VECTOR_MIN
     try:
         p = B.parse(_raw([rp.encode_message(1, 2, b"x"), b"", rp.encode_message(1, 2, b"y")],

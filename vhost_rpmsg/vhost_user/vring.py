@@ -37,6 +37,9 @@ class Vring:
         self.call_fd: int | None = None
         self.err_fd: int | None = None
         self.ring = Ring()
+        #: started and enabled (so mapped) and not broken: the device may use it (kept
+        #: with ``ring``: read on every pass of a device's loop)
+        self.ready = False
         #: why the ring is BROKEN (None otherwise)
         self.broken: str | None = None
         self._on_change = on_change
@@ -49,14 +52,10 @@ class Vring:
     def state(self) -> RingState:
         return self.ring.state
 
-    @property
-    def ready(self) -> bool:
-        """Started and enabled (so mapped) and not broken: the device may use it."""
-        return self.ring.ready
-
     def apply(self, event: Event, *, protocol_features: bool = False) -> Change | None:
         """Move the ring on ``event``; the device hears of a change exactly once."""
         self.ring, change = transition(self.ring, event, protocol_features=protocol_features)
+        self.ready = self.ring.ready
         if self.ring.state is not RingState.BROKEN:
             self.broken = None
         if change is not None:

@@ -256,7 +256,7 @@ class CffiQueue:
         """The snapshot to hand C, or None where only the Python engine may act."""
         q = self.state
         mem = q.mem
-        if mem is None or not q.mapped:
+        if mem is None:  # unmapped (map() sets it, unmap() clears it and the snapshot)
             return None
         st = q.snapshot
         if not isinstance(st, _State):

@@ -55,6 +55,11 @@ class UnixListener(socket.socket):
     path: str
     _ident: tuple[int, int] | None
 
+    def published(self, path: str, st: os.stat_result) -> None:
+        """It now lives at ``path``, as the file ``st`` describes."""
+        self.path = path
+        self._ident = (st.st_dev, st.st_ino)
+
     def remove_path(self) -> None:
         """Unlink :attr:`path` if it is still the socket this listener published there
         (never another server's socket that has since replaced it)."""
@@ -171,8 +176,7 @@ def listen_unix(path: str | os.PathLike[str], mode: int = 0o600,
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    sock.path = p
-    sock._ident = (st.st_dev, st.st_ino)
+    sock.published(p, st)
     return sock
 
 

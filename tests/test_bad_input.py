@@ -11,7 +11,8 @@ import pytest
 
 from vhost_rpmsg.endpoints import Echo, Sink
 from vhost_rpmsg.guest.frontend import Frontend, FrontendError, GuestRam
-from vhost_rpmsg.guest.rpmsg_guest import SimGuest
+from vhost_rpmsg.guest.rpmsg_guest import GuestTimeout, SimGuest
+from vhost_rpmsg.rpmsg import codec as rp
 from vhost_rpmsg.rpmsg.device import RpmsgDevice
 from vhost_rpmsg.vhost_user import codec
 from vhost_rpmsg.vhost_user.codec import MemoryRegion, VringAddr
@@ -294,3 +295,119 @@ def _readable(fd: int) -> bool:
         return True
     except BlockingIOError:
         return False
+
+
+def test_ring_size_and_base_only_change_on_a_stopped_ring(echo_server: EchoServer) -> None:
+    """SET_VRING_NUM / SET_VRING_BASE on a running ring are refused: they used to be taken
+    without remapping the ring, and the next buffers were neither served nor returned."""
+    g = echo_server.guest().start()
+    assert g.fe is not None
+    for request, value in ((Request.SET_VRING_NUM, 8), (Request.SET_VRING_BASE, 5)):
+        with pytest.raises(FrontendError, match="refused"):
+            g.fe.request(request, codec.encode_vring_state(1, value), need_reply=True)
+    b = echo_server.server.backend
+    assert b is not None and b.errors["bad_request"] == 2
+    state = echo_server.call(lambda: [(v.queue.state.size, v.queue.state.last_avail_idx)
+                                      for v in b.vrings])
+    assert state[1][0] == 256  # unchanged
+    g.open(3004)
+    for i in range(20):  # the ring keeps working, buffers served and returned
+        g.send(3004, 1024, b"m%d" % i)
+        assert g.recv(3004) == (1024, b"m%d" % i)
+    g.close()
+    _next_guest_works(echo_server)
+
+
+def test_ring_fds_must_be_eventfds(echo_server: EchoServer) -> None:
+    g = echo_server.guest().start()
+    assert g.fe is not None
+    r, w = os.pipe()
+    for request in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+        with pytest.raises(FrontendError, match="refused"):
+            g.fe.request(request, codec.encode_vring_file(1), [r], need_reply=True)
+    os.close(r)
+    os.close(w)
+    b = echo_server.server.backend
+    assert b is not None and b.errors["bad_request"] == 3
+    g.open(3005)
+    g.send(3005, 1024, b"ring untouched")  # the old kick fd still serves ring 1
+    assert g.recv(3005) == (1024, b"ring untouched")
+    g.close()
+    _next_guest_works(echo_server)
+
+
+def test_a_full_blocking_call_eventfd_cannot_hang_the_server(serve: Serve) -> None:
+    """A call eventfd without EFD_NONBLOCK whose counter is at its maximum: writing it
+    blocked the loop for ever.  The server makes every ring fd non-blocking."""
+    r = serve([Echo(1024)])
+    other = serve([Echo(1024)])  # another guest of the same process keeps being served
+    g = r.guest().start()
+    assert g.fe is not None
+    call = os.eventfd(0)  # blocking
+    os.eventfd_write(call, 0xFFFF_FFFF_FFFF_FFFE)  # the largest count: the next write blocks
+    g.fe.request(Request.SET_VRING_CALL, codec.encode_vring_file(0), [call], need_reply=True)
+    assert not os.get_blocking(call)  # made non-blocking for both of us (one description)
+    r.device.send_nowait(1024, 3006, b"to a guest that cannot be interrupted")
+    wait_until(lambda: r.counters().get("q0.notify_failures", 0) >= 1)
+    with SimGuest(other.path) as g2:  # the loop goes on
+        g2.open(3007)
+        g2.send(3007, 1024, b"alive")
+        assert g2.recv(3007) == (1024, b"alive")
+    assert g.fe.get_u64(Request.GET_QUEUE_NUM) == 2  # and so does this connection
+    os.close(call)
+    g.disconnect()
+
+
+def test_a_blocking_kick_eventfd_read_back_by_the_peer_cannot_hang_the_server(
+        echo_server: EchoServer) -> None:
+    """The peer writes a blocking kick eventfd and reads it back itself: epoll woke the
+    server, whose read then blocked for ever.  The fd is made non-blocking on receipt."""
+    g = echo_server.guest().start()
+    assert g.fe is not None
+    kick = os.eventfd(0)  # blocking
+    g.fe.request(Request.SET_VRING_KICK, codec.encode_vring_file(1), [kick], need_reply=True)
+    assert not os.get_blocking(kick)
+    for _ in range(2000):  # race the server for the count
+        os.eventfd_write(kick, 1)
+        try:
+            os.eventfd_read(kick)
+        except BlockingIOError:
+            pass  # the server took it first
+    assert g.fe.get_u64(Request.GET_QUEUE_NUM) == 2  # the loop is not stuck in a read
+    os.close(kick)
+    g.disconnect()
+    _next_guest_works(echo_server)
+
+
+def test_one_oversized_message_costs_no_other_reply_of_its_batch(
+        echo_server: EchoServer) -> None:
+    """A message longer than a reply may be, in one batch with good ones: the good ones
+    are echoed (they used to be lost with it), the long one is counted."""
+    g = echo_server.guest().start()
+    assert g.ram is not None
+    for addr in (3010, 3011, 3012):
+        g.open(addr)
+    scratch = g.ram.alloc(4096, 4096)
+    msgs = [rp.encode_message(3010, 1024, b"first"),
+            rp.encode_message(3012, 1024, b"L" * 600),
+            rp.encode_message(3011, 1024, b"second")]
+    ring = g.rings[1]
+    with g._tx_lock:  # one kick for the three: one batch, one run for the echo endpoint
+        for k, m in enumerate(msgs):
+            gpa = scratch + 1024 * k
+            g.ram.mem[gpa : gpa + len(m)] = np.frombuffer(m, np.uint8)
+            head = ring.add([(gpa, len(m), 0)])
+            g.tx_inflight[head] = -1
+        if ring.publish():
+            g.kick_queue(1)
+    assert g.recv(3010) == (1024, b"first")
+    assert g.recv(3011) == (1024, b"second")
+    dev = echo_server.device
+    wait_until(lambda: dev.stats["to_host_messages"] == 3)
+    echo = dev.endpoints[1024]
+    assert isinstance(echo, Echo) and echo.refused == 1
+    assert dev.stats["handler_failed_messages"] == 0 and dev.stats["handler_errors"] == 0
+    with pytest.raises(GuestTimeout):
+        g.recv(3012, timeout=0.2)
+    g.close()
+    _next_guest_works(echo_server)

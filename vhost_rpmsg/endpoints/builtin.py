@@ -7,18 +7,37 @@ import logging
 import time
 from typing import Any
 
+from ..rpmsg import codec as rp
 from ..rpmsg.batch import MessageBatch
+from ..rpmsg.ratelimit import RateLimitedLog
 from .base import Endpoint
 
 log = logging.getLogger(__name__)
+_rl = RateLimitedLog(log)
 
 
 class Echo(Endpoint):
-    """Sends every message back to its sender, unchanged."""
+    """Sends every message back to its sender, unchanged.
+
+    A message too long to go back (a guest may send more than the 496 bytes it can
+    receive) is not echoed: counted (``refused``), logged rate-limited, and the others of
+    its batch are echoed all the same.
+    """
+
+    def __init__(self, addr: int, name: str | None = None, **options: Any) -> None:
+        super().__init__(addr, name, **options)
+        self.refused = 0
 
     def on_message_batch(self, batch: MessageBatch) -> None:
         assert self.port is not None
-        self.port.send_many(list(batch))
+        messages = list(batch)
+        fit = [m for m in messages if len(m[1]) <= rp.MAX_PAYLOAD]
+        if len(fit) < len(messages):
+            self.refused += len(messages) - len(fit)
+            _rl.error(f"echo{self.addr}", "%s: %d message(s) longer than the guest's "
+                      "%d-byte limit not echoed", self.describe(),
+                      len(messages) - len(fit), rp.MAX_PAYLOAD)
+        self.port.send_many(fit)
 
     def on_message(self, src: int, data: bytes) -> None:
         assert self.port is not None

@@ -334,7 +334,16 @@ class VhostUserBackend:
     def _set_vring_num(self, msg: Message) -> None:
         st = codec.parse_vring_state(msg)
         # "Set the size of the queue." (SET_VRING_NUM): checked against virtio 1.2 §2.7
-        self._vring(st.index).queue.state.set_size(st.num)
+        self._stopped(self._vring(st.index), msg).queue.state.set_size(st.num)
+
+    @staticmethod
+    def _stopped(vr: Vring, msg: Message) -> Vring:
+        """``vr``, if it is stopped: its size and base only change between uses (the rings
+        are mapped, and indices advanced, for the ones it was started with)."""
+        if vr.ring.started:
+            raise RequestFailed(f"{msg.name} on queue {vr.index} while it is started "
+                                "(stop it with GET_VRING_BASE first)")
+        return vr
 
     def _set_vring_addr(self, msg: Message) -> None:
         addr = codec.parse_vring_addr(msg)
@@ -371,7 +380,7 @@ class VhostUserBackend:
         # descriptor index for split virtqueues)
         if st.num > 0xFFFF:
             raise RequestFailed(f"vring base {st.num} does not fit a 16-bit index")
-        vr.queue.state.set_base(st.num)
+        self._stopped(vr, msg).queue.state.set_base(st.num)
 
     def _get_vring_base(self, msg: Message) -> bytes:
         st = codec.parse_vring_state(msg)
@@ -386,17 +395,33 @@ class VhostUserBackend:
         vf = codec.parse_vring_file(msg)
         vr = self._vring(vf.index)
         # no fd: "This signals that polling should be used instead of waiting for the kick."
+        fd = None if vf.no_fd else self._eventfd(msg)
         self._unwatch(vr)
-        vr.set_kick(None if vf.no_fd else self._keep(msg.fds[0]))
+        vr.set_kick(fd)
         self._start(vr)
 
     def _set_vring_call(self, msg: Message) -> None:
         vf = codec.parse_vring_file(msg)
-        self._vring(vf.index).set_call(None if vf.no_fd else self._keep(msg.fds[0]))
+        vr = self._vring(vf.index)
+        vr.set_call(None if vf.no_fd else self._eventfd(msg))
 
     def _set_vring_err(self, msg: Message) -> None:
         vf = codec.parse_vring_file(msg)
-        self._vring(vf.index).set_err(None if vf.no_fd else self._keep(msg.fds[0]))
+        vr = self._vring(vf.index)
+        vr.set_err(None if vf.no_fd else self._eventfd(msg))
+
+    def _eventfd(self, msg: Message) -> int:
+        """The message's fd, kept, if it is an eventfd; made non-blocking, so that no
+        read or write of it can ever block the loop (a peer may share it blocking)."""
+        fd = msg.fds[0]
+        try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as e:
+            raise RequestFailed(f"{msg.name}: cannot inspect the fd: {e}") from e
+        if kind != "anon_inode:[eventfd]":
+            raise RequestFailed(f"{msg.name}: the fd is not an eventfd ({kind})")
+        os.set_blocking(fd, False)
+        return self._keep(fd)
 
     def _set_vring_enable(self, msg: Message) -> None:
         st = codec.parse_vring_state(msg)
@@ -513,7 +538,8 @@ class VhostUserBackend:
         out = {f"errors.{k}": v for k, v in self.errors.items()}
         for vr in self.vrings:
             s = vr.queue.state.stats
-            for key in ("popped", "pushed", "bad_chains", "notifies", "kicks"):
+            for key in ("popped", "pushed", "bad_chains", "notifies", "notify_failures",
+                        "kicks"):
                 out[f"q{vr.index}.{key}"] = getattr(s, key)
         return out
 

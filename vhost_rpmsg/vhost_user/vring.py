@@ -97,8 +97,11 @@ class Vring:
             return False
         try:
             os.eventfd_write(fd, 1)
-        except OSError as e:
-            log.error("queue %d: call eventfd write failed: %s", self.index, e)
+        except OSError as e:  # a full counter is EAGAIN: the fd is non-blocking
+            stats.notify_failures += 1
+            if stats.notify_failures == 1 or stats.notify_failures % 10000 == 0:
+                log.error("queue %d: call eventfd write failed (%d times): %s",
+                          self.index, stats.notify_failures, e)
             return False
         stats.notifies += 1
         return True

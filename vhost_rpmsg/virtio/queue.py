@@ -268,6 +268,7 @@ class QueueStats:
     bad_chains: int = 0
     notifies: int = 0
     notifies_suppressed: int = 0
+    notify_failures: int = 0  # call eventfd writes that failed (full counter, closed fd)
     kicks: int = 0
 
 

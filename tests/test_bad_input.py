@@ -411,3 +411,29 @@ def test_one_oversized_message_costs_no_other_reply_of_its_batch(
         g.recv(3012, timeout=0.2)
     g.close()
     _next_guest_works(echo_server)
+
+
+def test_a_front_end_that_never_reads_replies_is_dropped_not_waited_for(
+        serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    """Requests that each want a reply, never read: the replies pile up in a bounded
+    queue and the front-end is dropped; the loop never waits on its socket (it used to
+    block in sendall for 5 s per connection)."""
+    flooded = serve([Echo(1024)])
+    other = serve([Echo(1024)])
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(flooded.path)
+    wait_until(lambda: flooded.server.conn is not None)
+    request = codec.encode(Request.GET_FEATURES, b"")
+    try:
+        s.sendall(request * 20000)  # 20000 replies due, none read
+    except OSError:
+        pass  # dropped while we were still writing
+    wait_until(lambda: flooded.server.conn is None)
+    assert flooded.server.stats["dropped"] == 1
+    assert "does not read its replies" in caplog.text
+    s.close()
+    with SimGuest(other.path) as g:  # the other socket of the process is served
+        g.open(3013)
+        g.send(3013, 1024, b"alive")
+        assert g.recv(3013) == (1024, b"alive")
+    _next_guest_works(flooded)  # and the flooded one takes its next front-end

@@ -31,7 +31,9 @@ from .protocol import MAX_FDS
 log = logging.getLogger(__name__)
 
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-_SEND_TIMEOUT = 5.0
+#: replies queued for a front-end that does not read them, at most; past this it is
+#: dropped (QEMU reads each reply before its next request: a few hundred bytes at most)
+MAX_PENDING_REPLIES = 64 * 1024
 
 
 #: Longest unix socket path accepted: sun_path holds 108 bytes, one kept for the NUL that
@@ -247,6 +249,7 @@ class VhostUserServer:
         self.backend: VhostUserBackend | None = None
         self.conn: socket.socket | None = None
         self._decoder = Decoder()
+        self._out = bytearray()  # replies the socket did not take yet
         self.stats: Counter[str] = Counter()
         self.connected = asyncio.Event()
         self.disconnected = asyncio.Event()
@@ -352,16 +355,43 @@ class VhostUserServer:
                 return
 
     def _send(self, data: bytes) -> bool:
+        """Queue a reply and write what the socket takes; never blocks the loop.
+
+        A front-end that lets more than MAX_PENDING_REPLIES bytes of replies pile up is
+        dropped: it is not waited for.
+        """
+        waiting = bool(self._out)  # for the socket to take earlier replies: keep the order
+        self._out += data
+        if not waiting and not self._flush_out():
+            return False
+        if len(self._out) > MAX_PENDING_REPLIES:
+            self._drop(f"front-end does not read its replies ({len(self._out)} bytes "
+                       "pending)")
+            return False
+        if self._out and self.loop is not None and self.conn is not None:
+            self.loop.add_writer(self.conn.fileno(), self._writable)
+        return True
+
+    def _flush_out(self) -> bool:
+        """Write queued replies until the socket is full; False if the connection died."""
         conn = self.conn
         assert conn is not None
-        try:
-            conn.settimeout(_SEND_TIMEOUT)
-            conn.sendall(data)
-            conn.setblocking(False)
-        except OSError as e:
-            self._drop(f"send failed: {e}")
-            return False
+        while self._out:
+            try:
+                n = conn.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError as e:
+                self._drop(f"send failed: {e}")
+                return False
+            del self._out[:n]
         return True
+
+    def _writable(self) -> None:
+        if self.conn is None:
+            return
+        if self._flush_out() and not self._out and self.loop is not None:
+            self.loop.remove_writer(self.conn.fileno())
 
     def _drop(self, why: str, *, error: bool = True) -> None:
         if error:
@@ -374,7 +404,10 @@ class VhostUserServer:
             if self.loop is not None:
                 with contextlib.suppress(ValueError, OSError):
                     self.loop.remove_reader(conn.fileno())
+                with contextlib.suppress(ValueError, OSError):
+                    self.loop.remove_writer(conn.fileno())
             conn.close()
+        self._out.clear()
         self._decoder.close()
         if self.backend is not None:
             self.backend.disconnect()

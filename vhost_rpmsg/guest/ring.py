@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..virtio.constants import (
-    DESC_SIZE,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_NEXT,
     VRING_USED_F_NO_NOTIFY,
 )
+from ..virtio.queue import ring_sizes
 from ..virtio.queue_python import full_fence
 
 
@@ -27,12 +27,12 @@ class RingLayout:
     """Where a ring of ``size`` entries lives in guest memory (guest-physical)."""
 
     def __init__(self, base: int, size: int) -> None:
+        dlen, alen, ulen = ring_sizes(size)
         self.size = size
         self.desc = base
-        self.avail = base + DESC_SIZE * size
-        used = self.avail + 6 + 2 * size
-        self.used = (used + 3) & ~3
-        self.end = self.used + 6 + 8 * size
+        self.avail = base + dlen
+        self.used = (self.avail + alen + 3) & ~3
+        self.end = self.used + ulen
 
     @staticmethod
     def bytes_needed(size: int) -> int:
@@ -47,9 +47,10 @@ class DriverRing:
         self.size = n
         self.layout = layout
         self.event_idx = event_idx
-        self.desc = mem[layout.desc : layout.desc + DESC_SIZE * n].view("<u8")
-        self.avail = mem[layout.avail : layout.avail + 6 + 2 * n].view("<u2")
-        used = mem[layout.used : layout.used + 6 + 8 * n]
+        dlen, alen, ulen = ring_sizes(n)
+        self.desc = mem[layout.desc : layout.desc + dlen].view("<u8")
+        self.avail = mem[layout.avail : layout.avail + alen].view("<u2")
+        used = mem[layout.used : layout.used + ulen]
         self.used16 = used.view("<u2")
         self.used32 = used[4 : 4 + 8 * n].view("<u4")
         self.free = list(range(n - 1, -1, -1))

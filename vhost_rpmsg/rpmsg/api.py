@@ -19,7 +19,7 @@ import numpy as np
 
 from ..endpoints.base import Endpoint
 from ..vhost_user.vring import Vring
-from ..virtio.queue import Chain, QueueBroken
+from ..virtio.queue import Chain
 from . import codec as rp
 from .device import MAX_READ, TO_GUEST, TO_HOST, RpmsgDevice
 from .errors import PayloadTooLarge, RpmsgError, WouldBlock
@@ -166,10 +166,10 @@ class VhostRpmsg:
                     lock = vr.queue.state.lock
                     lock.acquire()
                     try:
-                        ok = attempt(it, vr)
-                    except QueueBroken as e:
+                        with vr.guarding():
+                            ok = attempt(it, vr)
+                    except BaseException:
                         lock.release()
-                        vr.break_(str(e))
                         raise
                     if ok:
                         it.held = [lock, cond]

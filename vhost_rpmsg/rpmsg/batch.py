@@ -143,7 +143,7 @@ def _check_native(data: bytes, headers: np.ndarray, offsets: np.ndarray,
     nbad = int(out[6 * n])
     bad_messages = []
     if nbad:
-        plen_all = headers[:, 12].astype(np.int64) | (headers[:, 13].astype(np.int64) << 8)
+        plen_all = headers.view(_HDR_DTYPE)[:, 0]["len"]
         for k, why in zip(out[4 * n : 4 * n + nbad].tolist(),
                           out[5 * n : 5 * n + nbad].tolist(), strict=True):
             m = int(lengths[k])

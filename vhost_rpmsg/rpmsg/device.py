@@ -32,7 +32,7 @@ from ..virtio.constants import (
     VIRTIO_RING_F_INDIRECT_DESC,
     VIRTIO_RPMSG_F_NS,
 )
-from ..virtio.queue import Chain, ChainError, Queue, QueueBroken, RawBatch
+from ..virtio.queue import Chain, ChainError, Queue, RawBatch
 from . import codec as rp
 from .batch import Parsed, parse
 from .dispatch import Dispatcher
@@ -251,14 +251,10 @@ class RpmsgDevice(VirtioDevice):
 
     def _service_to_host(self, vr: Vring) -> None:
         """Drain the to_host ring in batches: copy out, return buffers, dispatch."""
-        try:
-            self._drain_to_host(vr)
-        except QueueBroken as e:
-            vr.break_(str(e))
-            raise
+        with vr.guarding() as q:
+            self._drain_to_host(vr, q)
 
-    def _drain_to_host(self, vr: Vring) -> None:
-        q = vr.queue
+    def _drain_to_host(self, vr: Vring, q: Queue) -> None:
         while vr.ready:
             with q.state.lock:
                 # Take no more guest messages than the outbox has room for: a handler
@@ -395,12 +391,8 @@ class RpmsgDevice(VirtioDevice):
         with self.lock:
             if not self.ns.ready or not vr.ready:
                 return
-            with q.state.lock:
-                try:
-                    wrote = self.outbox.fill(q)
-                except QueueBroken as e:
-                    vr.break_(str(e))
-                    raise
+            with q.state.lock, vr.guarding():
+                wrote = self.outbox.fill(q)
                 vr.notify()
             if wrote:
                 self.lock.notify_all()

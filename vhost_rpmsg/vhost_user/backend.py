@@ -23,7 +23,7 @@ from typing import Any
 from ..virtio.constants import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from ..virtio.engines import QueueFactory
 from ..virtio.memory import BadAddress, GuestMemory, RegionSpec
-from ..virtio.queue import QueueBroken, QueueState, check_ring_alignment
+from ..virtio.queue import QueueBroken, QueueState, check_ring_alignment, ring_sizes
 from ..virtio.queue_python import PythonQueue
 from . import codec
 from .addresses import FrontEndAddresses
@@ -366,10 +366,9 @@ class VhostUserBackend:
         va = self.addresses.ring(vr.index)
         if va is None or not q.size:
             raise RequestFailed(f"queue {vr.index} kicked before its size and addresses were set")
-        n = q.size
         # "User addresses map to the vhost memory region containing that user address."
-        desc, avail, used = (self.addresses.to_gpa(a, length) for a, length in
-                             ((va[0], 16 * n), (va[1], 6 + 2 * n), (va[2], 6 + 8 * n)))
+        desc, avail, used = (self.addresses.to_gpa(a, length)
+                             for a, length in zip(va, ring_sizes(q.size), strict=True))
         q.set_addresses(desc, avail, used)
         q.map(self.memory)
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from types import TracebackType
 
-from ..virtio.queue import Queue
+from ..virtio.queue import Queue, QueueBroken
 from .ring_state import Change, Event, Ring, RingState, transition
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Vring:
         #: why the ring is BROKEN (None otherwise)
         self.broken: str | None = None
         self._on_change = on_change
+        self._guard = _Guard(self)  # one, reused: entered on every pass of the hot path
 
     @property
     def index(self) -> int:
@@ -71,6 +73,12 @@ class Vring:
         self.broken = why
         self.signal_error()
         self.apply(Event.BREAK)
+
+    def guarding(self) -> _Guard:
+        """``with vring.guarding() as queue:`` use the queue; a QueueBroken out of it
+        breaks this ring (once), then goes on up to the caller.  Whoever drives a queue
+        does it in here."""
+        return self._guard
 
     # -- eventfds --------------------------------------------------------------------
 
@@ -123,3 +131,21 @@ class Vring:
         self.apply(Event.RESET)
         self.close_fds()
         self.queue.state.reset()
+
+
+class _Guard:
+    """What :meth:`Vring.guarding` returns (a plain class: cheaper to enter than a
+    generator-based context manager)."""
+
+    __slots__ = ("_vring",)
+
+    def __init__(self, vring: Vring) -> None:
+        self._vring = vring
+
+    def __enter__(self) -> Queue:
+        return self._vring.queue
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if isinstance(exc, QueueBroken):
+            self._vring.break_(str(exc))

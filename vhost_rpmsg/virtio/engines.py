@@ -53,7 +53,7 @@ def available_engines() -> list[str]:
 
 def engine_name(factory: QueueFactory) -> str:
     """The name an engine goes by (``python``, ``cffi``)."""
-    return str(getattr(factory, "name", getattr(factory, "__name__", "?")))
+    return str(getattr(factory, "name", "?"))
 
 
 def queue_factory(name: str = "auto") -> QueueFactory:

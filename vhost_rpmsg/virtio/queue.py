@@ -274,6 +274,13 @@ class QueueStats:
 
 
 
+def ring_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of the descriptor table, available ring and used ring of a ``size`` ring
+    (virtio 1.2 §2.7: 16 per descriptor; flags, idx, ring[size] of 2 and of 8 bytes,
+    and the event word)."""
+    return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
+
+
 def check_ring_alignment(desc: int, avail: int, used: int) -> None:
     """ValueError unless the rings are aligned as virtio requires.
 
@@ -348,8 +355,8 @@ class QueueState:
         # Part sizes from the table of virtio 1.2 §2.7 Split Virtqueues: 16n, 6 + 2n, 6 + 8n.
         (dr, doff, dlen), (ar, aoff, alen), (ur, uoff, ulen) = [
             (*mem.find_gpa(addr, length), length)
-            for addr, length in ((self.desc_addr, DESC_SIZE * n), (self.avail_addr, 6 + 2 * n),
-                                 (self.used_addr, 6 + 8 * n))
+            for addr, length in zip((self.desc_addr, self.avail_addr, self.used_addr),
+                                    ring_sizes(n), strict=True)
         ]
         self.snapshot = None  # never an engine cache of the old rings with the new ones
         self.mem = mem

@@ -50,6 +50,7 @@ from .queue import (
     QueueState,
     RawBatch,
     Segment,
+    ring_sizes,
     stale_chain,
     used_entries_array,
     used_heads_array,
@@ -128,7 +129,8 @@ class _State:
         self.keep = keep
         desc, avail, used = keep
         n = self.size
-        if len(desc) < 16 * n or len(avail) < 6 + 2 * n or len(used) < 6 + 8 * n:
+        dlen, alen, ulen = ring_sizes(n)
+        if len(desc) < dlen or len(avail) < alen or len(used) < ulen:
             raise ValueError("ring views smaller than the queue size")  # not reached via map()
         ring = ffi.new("vr_ring *")
         ring.desc = desc
@@ -403,9 +405,9 @@ class CffiQueue:
     def split_headers(self, rb: RawBatch, size: int) -> np.ndarray:
         """The first ``size`` bytes of every chain of ``rb``, zero-filled: one C call."""
         n = rb.count
-        out = np.empty((n, size), np.uint8)
         if not n or not size:
             return np.zeros((n, size), np.uint8)
+        out = np.empty((n, size), np.uint8)
         got = lib.vr_split_headers(
             ffi.from_buffer(rb.data), len(rb.data), ffi.from_buffer("int64_t[]", rb.offsets),
             ffi.from_buffer("int64_t[]", rb.lengths), n, size, ffi.from_buffer("uint8_t[]", out))
@@ -427,7 +429,7 @@ class CffiQueue:
         if st is None:
             return self.reference.push_used(heads, length)
         self.state.used_idx = lib.vr_push_used(st.ring, self.state.used_idx,
-                                         ffi.from_buffer("uint32_t[]", heads), n, length)
+                                               ffi.from_buffer("uint32_t[]", heads), n, length)
         self.state.stats.pushed += n
         return None
 
@@ -449,7 +451,7 @@ class CffiQueue:
             if st is None:
                 return self.reference.push_batch(arr)
             self.state.used_idx = lib.vr_push_batch(st.ring, self.state.used_idx,
-                                              ffi.from_buffer("uint32_t[]", arr), n)
+                                                    ffi.from_buffer("uint32_t[]", arr), n)
             self.state.stats.pushed += n
             return None
         if not entries:

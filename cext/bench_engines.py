@@ -50,7 +50,7 @@ MODES = ("read_chain", "raw")
 
 def _setup(engine: str) -> tuple[Vring, DriverRing, GuestMemory, np.ndarray]:
     """A started ring of ``engine`` (event idx, indirect) and the guest's side of it."""
-    fd = os.memfd_create("bench", os.MFD_CLOEXEC)
+    fd = os.memfd_create("bench", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, MEM)
     guest = np.frombuffer(mmap.mmap(fd, MEM), np.uint8)
     gm = GuestMemory()

@@ -27,7 +27,7 @@ class Memfd:
 
     def __init__(self, size: int, file_size: int | None = None) -> None:
         self.size = size
-        self.fd = os.memfd_create("test", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, file_size or size)
         self._map = mmap.mmap(self.fd, file_size or size)
         self.mem = np.frombuffer(self._map, np.uint8)

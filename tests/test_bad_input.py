@@ -3,8 +3,12 @@ server keeps serving (the next connection works)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +29,7 @@ from vhost_rpmsg.virtio.constants import (
 )
 
 from .conftest import Running, Serve
-from .helpers import wait_until
+from .helpers import serving, wait_until
 
 PF = ProtocolFeature
 EchoServer = Running[RpmsgDevice]  # what the echo_server fixture serves
@@ -437,3 +441,53 @@ def test_a_front_end_that_never_reads_replies_is_dropped_not_waited_for(
         g.send(3013, 1024, b"alive")
         assert g.recv(3013) == (1024, b"alive")
     _next_guest_works(flooded)  # and the flooded one takes its next front-end
+
+
+def _serve_process(path: Path, *extra: str) -> contextlib.AbstractContextManager[
+        subprocess.Popen[bytes]]:
+    """``vhost-rpmsg serve`` in a process of its own: a fatal signal shows as its death,
+    not as the test runner's."""
+    return serving([sys.executable, "-m", "vhost_rpmsg.cli", "serve", "-s", str(path),
+                    "-e", "echo@1024", *extra], path)
+
+
+def _echo(g: SimGuest, addr: int, data: bytes) -> None:
+    g.open(addr)
+    g.send(addr, 1024, data)
+    assert g.recv(addr) == (1024, data)
+
+
+def test_guest_memory_that_shrinks_cannot_kill_the_server(tmp_path: Path) -> None:
+    """A front-end truncates its memfd after SET_MEM_TABLE and kicks: touching the pages
+    past the new end used to raise SIGBUS and kill the process.  The server seals the
+    memfd against shrinking when it maps it, so the truncation itself fails."""
+    path = tmp_path / "vu.sock"
+    with _serve_process(path) as proc:
+        with SimGuest(str(path), memory_seals=0) as g:  # sealable, not sealed: seal=off-ish
+            _echo(g, 3020, b"before")
+            assert g.ram is not None
+            with pytest.raises(PermissionError):
+                os.ftruncate(g.ram.fd, 4096)
+            _echo(g, 3021, b"after")
+        assert proc.poll() is None
+        with SimGuest(str(path)) as g:  # QEMU's default (seal=on) memfd is taken as it is
+            _echo(g, 3022, b"sealed")
+
+
+def test_guest_memory_that_cannot_be_sealed_is_refused_unless_trusted(
+        tmp_path: Path) -> None:
+    """A memfd made without MFD_ALLOW_SEALING (QEMU's seal=off) could shrink under us:
+    the memory table is refused with a message saying why and what to do; with
+    --allow-unsealed-memory the operator trusts the front-end and it is mapped."""
+    path = tmp_path / "vu.sock"
+    with _serve_process(path) as proc:
+        with pytest.raises(FrontendError):
+            SimGuest(str(path), memory_seals=-1).start()
+        with SimGuest(str(path)) as g:  # the server goes on
+            _echo(g, 3023, b"next")
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    assert "cannot be sealed against shrinking" in err and "--allow-unsealed-memory" in err
+    with _serve_process(path, "--allow-unsealed-memory"), \
+            SimGuest(str(path), memory_seals=-1) as g:
+        _echo(g, 3024, b"trusted")

@@ -115,7 +115,7 @@ class Mem:
 
     @staticmethod
     def _memfd(gpa: int, size: int) -> RegionSpec:
-        fd = os.memfd_create("vr-diff", os.MFD_CLOEXEC)
+        fd = os.memfd_create("vr-diff", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         return RegionSpec(gpa, size, 0, fd)
 

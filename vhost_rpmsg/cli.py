@@ -145,6 +145,10 @@ def serve(
     print_descriptor: Annotated[bool, typer.Option(
         "--print-descriptor", help="print the JSON backend descriptor (QEMU's "
                                    "vhost-user.json VhostUserBackend) and exit")] = False,
+    allow_unsealed_memory: Annotated[bool, typer.Option(
+        "--allow-unsealed-memory", help="map guest memory that could shrink under the "
+        "server (memory-backend-file, memfd seal=off): only for a trusted front-end, "
+        "since shrinking it kills the process")] = False,
     engine: EngineOpt = "auto",
     log_level: LogLevel = "info",
 ) -> None:
@@ -197,7 +201,8 @@ def serve(
         device.guest_ns_listeners.append(
             lambda ns: log.info("guest announced %r at %d (%s)", ns.name, ns.addr,
                                 ns.flags.name.lower()))
-        servers.append(VhostUserServer(device, sock, queue_factory=factory))
+        servers.append(VhostUserServer(device, sock, queue_factory=factory,
+                                       allow_unsealed_memory=allow_unsealed_memory))
     for s, device in zip(servers, devices, strict=True):
         eps = ", ".join(ep.describe() for ep in device.endpoints.values())
         log.info("%s: engine %s, endpoints: %s", s.name, engine_name(factory), eps)

@@ -8,6 +8,7 @@ back-end only through the socket, the shared memory and eventfds.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import socket
@@ -53,12 +54,19 @@ class QueueSetup:
 class GuestRam:
     """Guest physical memory: a memfd, mapped here, shared with the back-end."""
 
-    def __init__(self, size: int, hidden_tail: int = 0) -> None:
+    def __init__(self, size: int, hidden_tail: int = 0, *, seals: int | None = None) -> None:
+        """``seals`` to put on the memfd: by default what QEMU's memory-backend-memfd puts
+        (seal=on); 0 leaves it sealable by the back-end; -1 makes it unsealable."""
         self.size = size
         #: bytes at the end left out of the memory table: memory the back-end must not touch
         self.hidden_tail = hidden_tail
-        self.fd = os.memfd_create("vhost-rpmsg-guest", os.MFD_CLOEXEC)
+        if seals is None:
+            seals = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if seals >= 0 else 0)
+        self.fd = os.memfd_create("vhost-rpmsg-guest", flags)
         os.ftruncate(self.fd, size)
+        if seals > 0:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, seals)
         self._map = mmap.mmap(self.fd, size)
         self.mem = np.frombuffer(self._map, np.uint8)
         self.mv = self.mem.data

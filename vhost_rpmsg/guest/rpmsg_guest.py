@@ -89,6 +89,7 @@ class SimGuest:
         hidden_tail: int = 0,
         rx_thread: bool = True,
         fast: bool | None = None,
+        memory_seals: int | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.queue_size = queue_size
@@ -97,6 +98,8 @@ class SimGuest:
         self.want_protocol = protocol_features
         self.want_ns = name_service
         self.hidden_tail = hidden_tail
+        #: seals on the guest RAM memfd (GuestRam's ``seals``: None is QEMU's seal=on)
+        self.memory_seals = memory_seals
         #: False: no background rx thread; recv()/wait_counted() drive the rx ring
         #: themselves (no thread hand-off: what a latency measurement wants)
         self.rx_thread = rx_thread
@@ -135,7 +138,7 @@ class SimGuest:
         """Connect, negotiate, and probe the driver (posts rx, DRIVER_OK, kicks rx)."""
         per_init = 2 * RingLayout.bytes_needed(self.queue_size) + self.nbufs * rp.BUF_SIZE
         self.ram = GuestRam(_round_up(4 * per_init + (1 << 20), 1 << 21) + self.hidden_tail,
-                            self.hidden_tail)
+                            self.hidden_tail, seals=self.memory_seals)
         self.fe = Frontend(self.socket_path, self.ram)
         self.fe.negotiate(self.want_protocol)
         for i in range(2):

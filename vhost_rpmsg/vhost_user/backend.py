@@ -59,13 +59,14 @@ class VhostUserBackend:
         *,
         protocol_features: int | None = None,
         queue_factory: QueueFactory = PythonQueue,
+        allow_unsealed_memory: bool = False,
     ) -> None:
         self.device = device
         self.loop = loop
         if protocol_features is None:
             protocol_features = device.protocol_features()
         self.offered_protocol_features = protocol_features & IMPLEMENTED_PROTOCOL_FEATURES
-        self.memory = GuestMemory(MAX_MEM_SLOTS)
+        self.memory = GuestMemory(MAX_MEM_SLOTS, allow_unsealed=allow_unsealed_memory)
         self.addresses = FrontEndAddresses()
         self.vrings = [Vring(queue_factory(QueueState(i, device.max_queue_size)),
                              self._ring_changed) for i in range(device.num_queues)]

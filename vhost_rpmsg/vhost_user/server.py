@@ -238,6 +238,7 @@ class VhostUserServer:
         protocol_features: int | None = None,
         queue_factory: QueueFactory = PythonQueue,
         name: str | None = None,
+        allow_unsealed_memory: bool = False,
     ) -> None:
         self.device = device
         self.sock = sock
@@ -245,6 +246,7 @@ class VhostUserServer:
                              else sock.getsockname() or f"fd{sock.fileno()}")
         self.protocol_features = protocol_features
         self.queue_factory = queue_factory
+        self.allow_unsealed_memory = allow_unsealed_memory
         self.loop: asyncio.AbstractEventLoop | None = None
         self.backend: VhostUserBackend | None = None
         self.conn: socket.socket | None = None
@@ -307,6 +309,7 @@ class VhostUserServer:
         self.backend = VhostUserBackend(
             self.device, self.loop,
             protocol_features=self.protocol_features, queue_factory=self.queue_factory,
+            allow_unsealed_memory=self.allow_unsealed_memory,
         )
         self.stats["connections"] += 1
         self.disconnected.clear()

@@ -9,6 +9,7 @@ turns the front-end's regions and virtual addresses into these at the protocol e
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -46,8 +47,11 @@ class Region:
     mv: memoryview = field(default_factory=lambda: memoryview(b""))
 
     @classmethod
-    def map(cls, spec: RegionSpec) -> Region:
-        """mmap ``spec.fd`` as described.  The caller keeps the fd: the mapping outlives it."""
+    def map(cls, spec: RegionSpec, *, allow_unsealed: bool = False) -> Region:
+        """mmap ``spec.fd`` as described.  The caller keeps the fd: the mapping outlives it.
+
+        The file must not be able to shrink under the mapping (see :func:`pin_size`)
+        unless ``allow_unsealed`` says the front-end is trusted with our life."""
         if spec.size == 0:
             raise BadAddress("region of size 0")
         if spec.gpa + spec.size > 1 << 64:
@@ -58,6 +62,7 @@ class Region:
         aligned = spec.mmap_offset - spec.mmap_offset % _PAGE
         skip = spec.mmap_offset - aligned
         try:
+            pin_size(spec.fd, allow_unsealed=allow_unsealed)
             st = os.fstat(spec.fd)
             if st.st_size and aligned + skip + spec.size > st.st_size:
                 raise BadAddress(
@@ -93,11 +98,50 @@ class Region:
             self._map = None
 
 
+def pin_size(fd: int, *, allow_unsealed: bool = False) -> None:
+    """Make sure the file behind a region can never shrink while we map it.
+
+    Touching a mapped page past the end of its file raises SIGBUS, which no Python code
+    can catch: a front-end that truncated its memfd after SET_MEM_TABLE would kill the
+    whole server, every other guest with it.  A memfd sealed with ``F_SEAL_SHRINK``
+    cannot shrink (memfd_create(2)), so we add that seal ourselves when it is missing
+    (QEMU's ``memory-backend-memfd`` with its default ``seal=on`` already has it), and
+    refuse a file that cannot take it: one created without ``MFD_ALLOW_SEALING``
+    (``seal=off``), or any other file (``memory-backend-file``: /dev/shm, hugetlbfs
+    files), unless ``allow_unsealed``.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        if allow_unsealed:
+            return
+        raise BadAddress(
+            f"guest memory fd is not a memfd ({e.strerror}): its owner could shrink it and "
+            "kill this server; use memory-backend-memfd, or trust the front-end with "
+            "--allow-unsealed-memory") from e
+    if seals & fcntl.F_SEAL_SHRINK:
+        return
+    if seals & fcntl.F_SEAL_SEAL:
+        if allow_unsealed:
+            return
+        raise BadAddress(
+            "guest memory memfd cannot be sealed against shrinking (created without "
+            "MFD_ALLOW_SEALING, e.g. memory-backend-memfd seal=off): its owner could "
+            "shrink it and kill this server; use seal=on, or trust the front-end with "
+            "--allow-unsealed-memory")
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as e:
+        raise BadAddress(f"cannot seal guest memory memfd against shrinking: {e}") from e
+
+
 class GuestMemory:
     """The set of mapped regions, and guest-physical address translation."""
 
-    def __init__(self, max_regions: int = 32) -> None:
+    def __init__(self, max_regions: int = 32, *, allow_unsealed: bool = False) -> None:
         self.max_regions = max_regions
+        #: map files that could shrink under us (a trusted front-end only: see pin_size)
+        self.allow_unsealed = allow_unsealed
         self.regions: list[Region] = []
         self.generation = 0  # bumped on every change, so cached translations can expire
 
@@ -108,7 +152,7 @@ class GuestMemory:
         new: list[Region] = []
         try:
             for spec in specs:
-                region = Region.map(spec)
+                region = Region.map(spec, allow_unsealed=self.allow_unsealed)
                 new.append(region)
                 self._check_overlap(region, new[:-1])
         except BadAddress:
@@ -124,7 +168,7 @@ class GuestMemory:
         # GET_MAX_MEM_SLOTS answers max_regions: "the maximum number of memory slots"
         if len(self.regions) >= self.max_regions:
             raise BadAddress(f"no free memory slot (max {self.max_regions})")
-        region = Region.map(spec)
+        region = Region.map(spec, allow_unsealed=self.allow_unsealed)
         try:
             self._check_overlap(region, self.regions)
         except BadAddress:

@@ -3,21 +3,27 @@ server keeps serving (the next connection works)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vhost_rpmsg.endpoints import Echo, Sink
+from vhost_rpmsg.endpoints import Echo, Endpoint, Sink
 from vhost_rpmsg.guest.frontend import Frontend, FrontendError, GuestRam
 from vhost_rpmsg.guest.rpmsg_guest import GuestTimeout, SimGuest
 from vhost_rpmsg.rpmsg import codec as rp
 from vhost_rpmsg.rpmsg.device import RpmsgDevice
+from vhost_rpmsg.rpmsg.ratelimit import RateLimitedLog
+from vhost_rpmsg.rpmsg.sessions import MAX_GUEST_SERVICES
 from vhost_rpmsg.vhost_user import codec
 from vhost_rpmsg.vhost_user.codec import MemoryRegion, VringAddr
 from vhost_rpmsg.vhost_user.protocol import ProtocolFeature, Request
@@ -491,3 +497,89 @@ def test_guest_memory_that_cannot_be_sealed_is_refused_unless_trusted(
     with _serve_process(path, "--allow-unsealed-memory"), \
             SimGuest(str(path), memory_seals=-1) as g:
         _echo(g, 3024, b"trusted")
+
+
+def test_a_slow_async_handler_has_a_bounded_queue_and_old_messages_die_with_the_session(
+        serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    """An ``async def`` handler that cannot keep up: its queue stops at its bound, the
+    rest is counted per endpoint (never queued without limit), and what still waits when
+    the guest goes away is discarded, not answered to the next guest."""
+    gate = threading.Event()
+
+    class Stuck(Endpoint):
+        async def on_message(self, src: int, data: bytes) -> None:
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+            assert self.port is not None
+            await self.port.asend(src, data)
+
+    dev = RpmsgDevice([Stuck(1024), Echo(1025)], handler_queue_limit=100)
+    r = serve(dev)
+    slot = dev.dispatcher.slots[1024]
+    with r.guest() as g:
+        g.open(3030)
+        g.send_burst(3030, 1024, b"x", 3000)
+        wait_until(lambda: dev.stats["to_host_messages"] == 3000)
+        q = slot.queue
+        assert q is not None
+        # one message is in the handler; at most 100 wait; the rest were counted as dropped
+        wait_until(lambda: slot.stats["dropped_queue_full"] + q.qsize() == 3000 - 1)
+        waiting = q.qsize()
+        assert 99 <= waiting <= 100
+        assert dev.stats["handler_queue_full"] == slot.stats["dropped_queue_full"]
+        assert "its handler is behind" in caplog.text
+        g.send(3030, 1025, b"others are served")  # the other endpoint is not held up
+        assert g.recv(3030) == (1025, b"others are served")
+    # what waited, and the message in the handler (cancelled: its reply would go to a
+    # guest that never sent it)
+    wait_until(lambda: slot.stats["dropped_on_reset"] == waiting + 1)
+    with r.guest() as g:
+        g.open(3030)
+        gate.set()
+        g.send(3030, 1025, b"new session")
+        assert g.recv(3030) == (1025, b"new session")
+        with pytest.raises(GuestTimeout):
+            g.recv(3030, timeout=0.5)
+    assert dev.stats["handler_queue_dropped_on_reset"] == waiting + 1
+    assert slot.stats["messages"] == 3000  # every one accounted for: dropped, or...
+
+
+def test_guest_name_service_floods_are_bounded_and_not_logged_per_message(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Thousands of distinct guest CREATE announcements: the table stops at its bound
+    (the rest counted) and the log gets a rate-limited handful of lines, not one each."""
+    caplog.set_level(logging.INFO)
+    dev = echo_server.device
+    n = MAX_GUEST_SERVICES + 2000
+    with SimGuest(echo_server.path) as g:
+        for i in range(n):
+            g.announce(f"svc-{i}", 5000 + i)
+        wait_until(lambda: dev.stats["guest_ns_create"] + dev.stats["guest_ns_refused"] == n)
+        assert len(dev.guest_services) == MAX_GUEST_SERVICES
+        assert dev.stats["guest_ns_refused"] == 2000
+        lines = [rec for rec in caplog.records if rec.name.startswith("vhost_rpmsg.rpmsg")]
+        assert 0 < len(lines) < 100
+        g.open(3031)
+        g.send(3031, 1024, b"still served")
+        assert g.recv(3031) == (1024, b"still served")
+
+
+def test_rate_limited_log_lets_a_burst_through_then_one_a_second() -> None:
+    logger = logging.getLogger("vhost_rpmsg.test.ratelimit")
+    logger.setLevel(logging.INFO)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger.addHandler(Keep())
+    rl = RateLimitedLog(logger, interval=0.2, burst=3)
+    for i in range(1000):
+        rl.info("k", "line %d", i)
+    assert seen == ["line 0", "line 1", "line 2"]
+    time.sleep(0.25)
+    rl.info("k", "later")
+    assert seen[-1] == "later (997 similar suppressed)"
+    rl.info("other", "own bucket")
+    assert seen[-1] == "own bucket"

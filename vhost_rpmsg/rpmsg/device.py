@@ -35,7 +35,7 @@ from ..virtio.constants import (
 from ..virtio.queue import Chain, ChainError, Queue, RawBatch
 from . import codec as rp
 from .batch import Parsed, parse
-from .dispatch import Dispatcher
+from .dispatch import HANDLER_QUEUE_LIMIT, Dispatcher
 from .errors import PayloadTooLarge, WouldBlock
 from .outbox import BATCH, Outbox
 from .ratelimit import RateLimitedLog
@@ -81,6 +81,7 @@ class RpmsgDevice(VirtioDevice):
     device_id = VIRTIO_ID_RPMSG
 
     def __init__(self, endpoints: Iterable[Endpoint] = (), *, outbox_limit: int = 256,
+                 handler_queue_limit: int = HANDLER_QUEUE_LIMIT,
                  name_service: bool = True, auto_dispatch: bool = True) -> None:
         super().__init__()
         #: False: guest messages stay in the ring until read through the iterator API
@@ -91,7 +92,7 @@ class RpmsgDevice(VirtioDevice):
         self.lock = threading.Condition(threading.RLock())
         self._rl = RateLimitedLog(log)
         self.ns = NameService(self.stats, self._rl)
-        self.dispatcher = Dispatcher(self.stats, self._rl)
+        self.dispatcher = Dispatcher(self.stats, self._rl, queue_limit=handler_queue_limit)
         self.outbox = Outbox(outbox_limit, self.stats, self._rl)
         self._room: asyncio.Event | None = None
         self._flush_pending = False
@@ -213,6 +214,11 @@ class RpmsgDevice(VirtioDevice):
                             why, dropped)
             was = self.ns.end_session()
             self.lock.notify_all()
+        stale = self.dispatcher.discard_queued()
+        if stale:
+            # Their replies would reach a guest that never sent them.
+            log.warning("%s: %d guest message(s) still waiting for async handlers "
+                        "discarded", why, stale)
         if was:
             log.info("guest session ended: %s", why)
             self.dispatcher.call_hooks("guest_gone")

@@ -3,13 +3,16 @@
 Each endpoint has a :class:`EndpointSlot`: its handler style (fixed at registration),
 its counters, and for ``async def`` handlers the queue and task that run them in order
 on the device's loop.  A handler that raises costs only its own messages: it is counted
-and logged (rate-limited), and everyone else keeps being served.
+and logged (rate-limited), and everyone else keeps being served.  A slow ``async``
+handler costs only its own messages too: its queue is bounded, and what does not fit is
+counted per endpoint and logged, never queued without limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +25,9 @@ from .errors import AddressInUse
 from .ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+#: messages waiting per ``async def`` endpoint before new ones are dropped (counted)
+HANDLER_QUEUE_LIMIT = 1024
 
 
 def handler_style(ep: Endpoint) -> str:
@@ -46,13 +52,17 @@ class EndpointSlot:
     stats: Counter[str] = field(default_factory=Counter)
     queue: asyncio.Queue[tuple[int, bytes]] | None = None
     task: asyncio.Task[None] | None = None
+    #: 1 while the async worker is inside the handler
+    busy: int = 0
 
 
 class Dispatcher:
     """The host endpoints, by address, and delivery of message runs to them."""
 
-    def __init__(self, stats: Counter[str], rl: RateLimitedLog) -> None:
+    def __init__(self, stats: Counter[str], rl: RateLimitedLog, *,
+                 queue_limit: int = HANDLER_QUEUE_LIMIT) -> None:
         self.slots: dict[int, EndpointSlot] = {}
+        self.queue_limit = queue_limit
         self._stats = stats
         self._rl = rl
 
@@ -100,8 +110,11 @@ class Dispatcher:
         style = slot.style
         if style == "async":
             q = self._async_queue(slot)
-            for item in run:
+            room = max(self.queue_limit - q.qsize(), 0)
+            for item in itertools.islice(run, room):
                 q.put_nowait(item)
+            if n > room:
+                self._overflow(slot, n - room)
         elif style == "arrays":
             try:
                 ep.on_message_batch(run)
@@ -128,6 +141,32 @@ class Dispatcher:
         self._rl.error(f"ep{ep.addr}", "endpoint %s raised on %d message(s)",
                        ep.describe(), messages, exc_info=True)
 
+    def _overflow(self, slot: EndpointSlot, messages: int) -> None:
+        slot.stats["dropped_queue_full"] += messages
+        self._stats["handler_queue_full"] += messages
+        ep = slot.endpoint
+        self._rl.error(f"full{ep.addr}", "endpoint %s: its handler is behind by %d "
+                       "messages; %d message(s) from the guest dropped", ep.describe(),
+                       self.queue_limit, messages)
+
+    def discard_queued(self) -> int:
+        """The guest that sent what waits for ``async`` handlers is gone: drop it, and
+        cancel the handlers still working on its messages (their replies would reach a
+        guest that never sent them).  The next message starts a fresh worker."""
+        dropped = 0
+        for slot in self.slots.values():
+            if slot.task is None or slot.queue is None:
+                continue
+            n = slot.queue.qsize() + slot.busy
+            slot.task.cancel()
+            slot.task = slot.queue = None
+            slot.busy = 0
+            if n:
+                slot.stats["dropped_on_reset"] += n
+                dropped += n
+        self._stats["handler_queue_dropped_on_reset"] += dropped
+        return dropped
+
     def _async_queue(self, slot: EndpointSlot) -> asyncio.Queue[tuple[int, bytes]]:
         if slot.queue is None:
             slot.queue = asyncio.Queue()
@@ -138,14 +177,19 @@ class Dispatcher:
         q = slot.queue
         assert q is not None
         on_message = slot.endpoint.on_message
+        me = asyncio.current_task()
         while True:
             src, data = await q.get()
+            slot.busy = 1
             try:
                 await on_message(src, data)  # type: ignore[misc]
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self._failed(slot, 1)
+            finally:
+                if slot.task is me:  # not a worker cancelled and replaced meanwhile
+                    slot.busy = 0
 
     def stop_tasks(self) -> None:
         for slot in self.slots.values():

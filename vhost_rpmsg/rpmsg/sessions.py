@@ -18,6 +18,13 @@ from .ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
+#: announcement lines logged at once before the log is throttled to one a second
+NS_LOG_BURST = 32
+
+#: guest services remembered per session: a guest announcing more is refused the rest
+#: (a Linux guest announces one per channel driver endpoint: a handful)
+MAX_GUEST_SERVICES = 1024
+
 
 @dataclass(frozen=True)
 class GuestService:
@@ -44,6 +51,7 @@ class NameService:
         self.ready = False
         self._stats = stats
         self._rl = rl
+        self._ns_log = RateLimitedLog(log, burst=NS_LOG_BURST)
 
     def record(self, name: str, addr: int, flags: rp.NsFlags) -> bytes:
         """Register (CREATE) or withdraw a host service; its name-service message.
@@ -78,11 +86,18 @@ class NameService:
                            src, e)
             return
         if ns.flags is rp.NsFlags.CREATE:
+            if (ns.name not in self.guest_services
+                    and len(self.guest_services) >= MAX_GUEST_SERVICES):
+                self._stats["guest_ns_refused"] += 1
+                self._rl.error("ns_full", "guest announced more than %d services; %r at %d "
+                               "ignored", MAX_GUEST_SERVICES, ns.name, ns.addr)
+                return
             self.guest_services[ns.name] = GuestService(ns.name, ns.addr)
         else:
             self.guest_services.pop(ns.name, None)
         self._stats[f"guest_ns_{ns.flags.name.lower()}"] += 1
-        log.info("guest service %s: %r at %d", ns.flags.name.lower(), ns.name, ns.addr)
+        self._ns_log.info("guest_ns", "guest announced %r at %d (%s)", ns.name, ns.addr,
+                          ns.flags.name.lower())
         for listener in list(self.listeners):
             try:
                 listener(ns)

@@ -21,6 +21,7 @@ from vhost_rpmsg.endpoints import Echo, Endpoint, Sink
 from vhost_rpmsg.guest.frontend import Frontend, FrontendError, GuestRam
 from vhost_rpmsg.guest.rpmsg_guest import GuestTimeout, SimGuest
 from vhost_rpmsg.rpmsg import codec as rp
+from vhost_rpmsg.rpmsg.batch import MessageBatch
 from vhost_rpmsg.rpmsg.device import RpmsgDevice
 from vhost_rpmsg.rpmsg.ratelimit import RateLimitedLog
 from vhost_rpmsg.rpmsg.sessions import MAX_GUEST_SERVICES
@@ -583,3 +584,61 @@ def test_rate_limited_log_lets_a_burst_through_then_one_a_second() -> None:
     assert seen[-1] == "later (997 similar suppressed)"
     rl.info("other", "own bucket")
     assert seen[-1] == "own bucket"
+
+
+def test_a_guest_refilling_as_fast_as_we_drain_cannot_hold_the_loop(serve: Serve) -> None:
+    """A guest infinitely fast: each time the server hands a batch to the endpoint, the
+    guest's tx ring is full again (every head is one the server just gave back, so the
+    ring stays valid).  The server takes a bounded number of batches per turn of its
+    loop, so other guests' kicks and callbacks run in between; it used to drain for as
+    long as the guest kept up."""
+    refills = 200
+    seen: list[int] = []  # batches handled when a callback queued on the loop ran
+    r: Running[RpmsgDevice]
+
+    class Refill(Endpoint):
+        def __init__(self, addr: int) -> None:
+            super().__init__(addr)
+            self.batches = 0
+
+        def on_message_batch(self, batch: MessageBatch) -> None:
+            self.batches += 1
+            if self.batches == 1:  # what another guest's kick would be: the next turn
+                asyncio.get_running_loop().call_soon(lambda: seen.append(self.batches))
+            if self.batches <= refills:
+                ring.avail[1] = (int(ring.used16[1]) + ring.size) & 0xFFFF
+
+    ep = Refill(1025)
+    r = serve([ep])
+    with r.guest() as g:
+        ring = g.rings[1]
+        assert g.ram is not None
+        msg = rp.encode_message(3040, 1025, b"f" * 64)
+        g.tx_free.sort()
+        for head in range(ring.size):  # one buffer per descriptor, each a message
+            gpa = g.tx_free[head]
+            g.ram.mv[gpa : gpa + len(msg)] = msg
+            ring.write_desc(head, gpa, len(msg), 0)
+            ring.avail[2 + head] = head
+        ring.avail[1] = ring.size
+        g.kick_queue(1)
+        wait_until(lambda: ep.batches == refills + 1)
+        assert r.device.stats["to_host_messages"] == (refills + 1) * ring.size
+        # a few batches, not all of them (DRAIN_BUDGET is 8 today)
+        assert seen and seen[0] <= 16
+        assert r.device.stats["to_host_yields"] >= refills // 16
+
+
+def test_a_front_end_writing_without_pause_cannot_hold_the_loop(
+        echo_server: EchoServer) -> None:
+    """Thousands of requests that want no reply, written as fast as the socket takes
+    them: the server reads a bounded number per turn of its loop (counted as
+    read_yields) instead of reading until the socket is empty."""
+    s = _raw(echo_server)
+    s.sendall(codec.encode(Request.SET_OWNER, b""))
+    n = 20000
+    s.sendall(codec.encode(Request.SET_FEATURES, codec.encode_u64(0)) * n)
+    wait_until(lambda: echo_server.counters().get("messages", 0) == n + 1)
+    assert echo_server.counters().get("read_yields", 0) > 0
+    s.close()
+    _next_guest_works(echo_server)

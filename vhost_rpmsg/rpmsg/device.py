@@ -38,6 +38,9 @@ from .batch import Parsed, parse
 from .dispatch import HANDLER_QUEUE_LIMIT, Dispatcher
 from .errors import PayloadTooLarge, WouldBlock
 from .outbox import BATCH, Outbox
+
+#: to_host batches taken in one turn of the loop before other guests get theirs
+DRAIN_BUDGET = 8
 from .ratelimit import RateLimitedLog
 from .sessions import GuestService, NameService
 
@@ -96,6 +99,7 @@ class RpmsgDevice(VirtioDevice):
         self.outbox = Outbox(outbox_limit, self.stats, self._rl)
         self._room: asyncio.Event | None = None
         self._flush_pending = False
+        self._drain_pending = False
         for ep in endpoints:
             self.add_endpoint(ep)
 
@@ -261,7 +265,9 @@ class RpmsgDevice(VirtioDevice):
             self._drain_to_host(vr, q)
 
     def _drain_to_host(self, vr: Vring, q: Queue) -> None:
-        while vr.ready:
+        for _ in range(DRAIN_BUDGET):
+            if not vr.ready:
+                return
             with q.state.lock:
                 # Take no more guest messages than the outbox has room for: a handler
                 # answering each message once can then never overflow it.
@@ -284,6 +290,18 @@ class RpmsgDevice(VirtioDevice):
             self._dispatch(self.parse(rb, q))
             if drained:
                 return
+        # A guest that refills its ring as fast as we drain it would keep us here for
+        # ever, and every other guest of this loop would wait: take a turn of the loop
+        # and come back (kicks stay off: the guest need not kick a ring we will read).
+        self.stats["to_host_yields"] += 1
+        if self.loop is not None and not self._drain_pending:
+            self._drain_pending = True
+            self.loop.call_soon_threadsafe(self._resume_to_host, vr)
+
+    def _resume_to_host(self, vr: Vring) -> None:
+        self._drain_pending = False
+        if vr.ready and self.auto_dispatch:
+            self._service_to_host(vr)
 
     def parse(self, rb: RawBatch, q: Queue) -> Parsed:
         """Parse a raw batch from ``q``; count and log (rate-limited) what was not a message."""

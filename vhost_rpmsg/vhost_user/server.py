@@ -34,6 +34,8 @@ _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 #: replies queued for a front-end that does not read them, at most; past this it is
 #: dropped (QEMU reads each reply before its next request: a few hundred bytes at most)
 MAX_PENDING_REPLIES = 64 * 1024
+#: socket reads per readable event of a connection (each at most one message part)
+READS_PER_TURN = 64
 
 
 #: Longest unix socket path accepted: sun_path holds 108 bytes, one kept for the NUL that
@@ -322,7 +324,9 @@ class VhostUserServer:
         backend = self.backend
         if conn is None or backend is None:
             return
-        while True:
+        # A front-end that writes without pause would keep us here for ever: read a
+        # bounded amount per turn of the loop; the socket stays readable for the next.
+        for _ in range(READS_PER_TURN):
             try:
                 data, anc, flags, _ = conn.recvmsg(
                     self._decoder.wanted(), _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
@@ -356,6 +360,8 @@ class VhostUserServer:
             except FramingError as e:
                 self._drop(f"unparseable stream: {e}")
                 return
+        else:
+            self.stats["read_yields"] += 1
 
     def _send(self, data: bytes) -> bool:
         """Queue a reply and write what the socket takes; never blocks the loop.

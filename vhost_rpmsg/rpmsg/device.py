@@ -38,13 +38,13 @@ from .batch import Parsed, parse
 from .dispatch import HANDLER_QUEUE_LIMIT, Dispatcher
 from .errors import PayloadTooLarge, WouldBlock
 from .outbox import BATCH, Outbox
-
-#: to_host batches taken in one turn of the loop before other guests get theirs
-DRAIN_BUDGET = 8
 from .ratelimit import RateLimitedLog
 from .sessions import GuestService, NameService
 
 log = logging.getLogger(__name__)
+
+#: to_host batches taken in one turn of the loop before other guests get theirs
+DRAIN_BUDGET = 8
 
 TO_GUEST = 0  # vq 0, guest rx; the kernel API's VIRTIO_RPMSG_RESPONSE
 TO_HOST = 1  # vq 1, guest tx; the kernel API's VIRTIO_RPMSG_REQUEST

@@ -54,18 +54,27 @@ MAX_READ = rp.HDR_SIZE + 0xFFFF  # nothing longer can be a message (len is 16 bi
 class _DevicePort:
     """An endpoint's :class:`~vhost_rpmsg.endpoints.base.Port`: sends from its address."""
 
-    def __init__(self, device: RpmsgDevice, src: int) -> None:
+    def __init__(self, device: RpmsgDevice, src: int, stats: Counter[str]) -> None:
         self._device = device
         self.src = src
+        self._stats = stats  # the endpoint's: what it sent is counted there
 
     def send(self, dst: int, data: bytes) -> None:
         self._device.send_nowait(self.src, dst, data)
+        self._count(1, len(data))
 
     def send_many(self, messages: list[tuple[int, bytes]]) -> None:
         self._device.send_many(self.src, messages)
+        self._count(len(messages), sum(len(d) for _, d in messages))
 
     async def asend(self, dst: int, data: bytes) -> None:
         await self._device.asend(self.src, dst, data)
+        self._count(1, len(data))
+
+    def _count(self, messages: int, nbytes: int) -> None:
+        stats = self._stats
+        stats["to_guest"] += messages
+        stats["to_guest_bytes"] += nbytes
 
     @property
     def guest_ready(self) -> bool:
@@ -246,7 +255,11 @@ class RpmsgDevice(VirtioDevice):
 
     def add_endpoint(self, ep: Endpoint) -> Endpoint:
         self.dispatcher.add(ep)
-        ep.bind(_DevicePort(self, ep.addr))
+        try:
+            ep.bind(_DevicePort(self, ep.addr, self.dispatcher.slots[ep.addr].stats))
+        except BaseException:
+            self.dispatcher.remove(ep.addr)
+            raise
         if ep.name:
             self.announce(ep.name, ep.addr)
         return ep

@@ -106,6 +106,7 @@ class Dispatcher:
                            "%d message(s) discarded", run.dst, int(run.srcs[0]), n)
             return
         slot.stats["messages"] += n
+        slot.stats["bytes"] += run.total_bytes()
         ep = slot.endpoint
         style = slot.style
         if style == "async":

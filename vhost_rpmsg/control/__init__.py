@@ -1,0 +1,1 @@
+"""The control plane of a running server: its socket, protocol and statistics."""

@@ -1,0 +1,138 @@
+"""A host process at the other end of a SOCK_SEQPACKET socket: one datagram, one message.
+
+Both endpoints that hand guest traffic to other processes use it: the fd endpoints the
+control socket gives out (:mod:`.fd`) and the ``unix`` bridge's clients (:mod:`.unix`).
+What it guarantees, whatever the process does:
+
+* the loop never waits on it: writes are non-blocking; what the socket does not take
+  waits in a bounded queue, written when the socket is writable again;
+* a process that stops reading costs only its own messages: past the bound they are
+  dropped, counted (``dropped_slow_reader``) and logged, rate-limited;
+* guest messages it writes reach the device through ``asend``, which waits for room
+  in the outbox: a guest that does not read slows the writer (its socket fills), it
+  does not lose its datagrams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import socket
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+
+from ..rpmsg.ratelimit import RateLimitedLog
+
+#: messages waiting for a process that does not read, per peer, before drops start
+PEER_QUEUE_LIMIT = 1024
+#: the largest datagram read from a process (a payload and an address header fit)
+MAX_DATAGRAM = 65536
+
+
+def closed(sock: socket.socket) -> bool:
+    """Whether the other end has gone (a zero-length read is also an empty datagram:
+    SOCK_SEQPACKET tells them apart only by the hang-up)."""
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    events = dict(p.poll(0)).get(sock.fileno(), 0)
+    return bool(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR))
+
+
+class SeqpacketPeer:
+    """One connected SOCK_SEQPACKET socket to a host process."""
+
+    def __init__(self, sock: socket.socket, label: str, rl: RateLimitedLog, *,
+                 limit: int = PEER_QUEUE_LIMIT) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.label = label
+        self.limit = limit
+        self.stats: Counter[str] = Counter()
+        self._rl = rl
+        self._out: deque[bytes] = deque()
+        self._writer = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._out)
+
+    # -- to the process -------------------------------------------------------------
+
+    def send(self, data: bytes) -> bool:
+        """Write ``data`` or queue it; False (counted, logged) if the queue is full."""
+        if not self._out:
+            try:
+                self.sock.send(data)
+                self.stats["to_process"] += 1
+                self.stats["to_process_bytes"] += len(data)
+                return True
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False  # gone: the reader sees the hang-up and ends the peer
+        if len(self._out) >= self.limit:
+            self.stats["dropped_slow_reader"] += 1
+            self._rl.error(f"slow{self.label}", "%s: the process does not read; %d "
+                           "messages wait for it, one more dropped", self.label,
+                           len(self._out))
+            return False
+        self._out.append(data)
+        if not self._writer:
+            asyncio.get_running_loop().add_writer(self.sock.fileno(), self._writable)
+            self._writer = True
+        return True
+
+    def _writable(self) -> None:
+        while self._out:
+            data = self._out[0]
+            try:
+                self.sock.send(data)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._out.clear()
+                break
+            self._out.popleft()
+            self.stats["to_process"] += 1
+            self.stats["to_process_bytes"] += len(data)
+        self._stop_writer()
+
+    def _stop_writer(self) -> None:
+        if self._writer:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_writer(self.sock.fileno())
+            self._writer = False
+
+    # -- from the process -----------------------------------------------------------
+
+    def start(self, on_datagram: Callable[[bytes], Awaitable[None]],
+              on_closed: Callable[[str], None]) -> None:
+        """Read datagrams in a task of the running loop until the process goes."""
+        self._task = asyncio.get_running_loop().create_task(
+            self._read(on_datagram, on_closed))
+
+    async def _read(self, on_datagram: Callable[[bytes], Awaitable[None]],
+                    on_closed: Callable[[str], None]) -> None:
+        loop = asyncio.get_running_loop()
+        why = "closed"
+        try:
+            while True:
+                data = await loop.sock_recv(self.sock, MAX_DATAGRAM)
+                if not data and closed(self.sock):
+                    break
+                self.stats["from_process"] += 1
+                self.stats["from_process_bytes"] += len(data)
+                await on_datagram(data)
+        except OSError as e:
+            why = str(e)
+        on_closed(why)
+
+    def close(self) -> None:
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        self._task = None
+        self._stop_writer()
+        self._out.clear()
+        self.sock.close()

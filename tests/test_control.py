@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ import pytest
 
 from vhost_rpmsg.client import Control, ControlError
 from vhost_rpmsg.control import protocol as cp
+from vhost_rpmsg.control.metrics import parse_address, serve_metrics
 from vhost_rpmsg.control.protocol import ErrorCode, Op
 from vhost_rpmsg.control.server import ControlServer
+from vhost_rpmsg.control.stats import snapshot
 from vhost_rpmsg.endpoints import Echo, Sink
 from vhost_rpmsg.rpmsg.device import RpmsgDevice
 
@@ -325,3 +328,38 @@ def test_control_errors_reach_the_client_as_exceptions(ctl: Ctl) -> None:
         with pytest.raises(ControlError) as e:
             c.remove_endpoint(999)
         assert e.value.code is ErrorCode.NO_SUCH_ENDPOINT
+
+
+def test_metrics_expose_the_same_counters_in_prometheus_text(ctl: Ctl) -> None:
+    r = ctl.running
+
+    def take() -> dict[str, object]:
+        return snapshot([r.server], 0.0)
+
+    host, port = serve_metrics("127.0.0.1:0", take, r.loop.loop)
+    with r.guest() as g:
+        g.open(3008)
+        for _ in range(7):
+            g.send(3008, 1024, b"m")
+            g.recv(3008)
+        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read()
+    body = text.decode()
+    assert ('vhost_rpmsg_endpoint_messages_total{addr="1024",direction="to_host",'
+            'name="rpmsg-raw",socket="0"} 7.0') in body
+    assert 'vhost_rpmsg_queue_popped_total{queue="1",socket="0"} 7.0' in body
+    assert 'vhost_rpmsg_connected{socket="0"} 1.0' in body
+    assert "process_resident_memory_bytes" in body
+
+
+@pytest.mark.parametrize("text, want", [
+    ("9100", ("127.0.0.1", 9100)), (":9100", ("127.0.0.1", 9100)),
+    ("0.0.0.0:80", ("0.0.0.0", 80)), ("[::1]:81", ("::1", 81)),
+])
+def test_metrics_addresses(text: str, want: tuple[str, int]) -> None:
+    assert parse_address(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "host", "1:2:x", "70000"])
+def test_bad_metrics_addresses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_address(text)

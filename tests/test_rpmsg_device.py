@@ -322,6 +322,49 @@ def test_unix_bridge_lets_a_host_process_answer(serve: Serve, tmp_path: Path) ->
         wait_until(lambda: not bridge.clients)
 
 
+def test_unix_bridge_counts_what_no_client_or_a_slow_client_misses(
+        serve: Serve, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Guest messages with no client connected are counted and logged (they used to
+    vanish without a trace); a client that does not read has a bounded queue, and what
+    overflows it is counted, with a rate-limited log line rather than one per message."""
+    import socket
+
+    from vhost_rpmsg.endpoints.unix import UnixBridge
+
+    path = str(tmp_path / "ep.sock")
+    bridge = UnixBridge(1024, "rpmsg-raw", path=path)
+    r = serve([bridge])
+    with r.guest() as g:
+        g.wait_channel("rpmsg-raw")
+        g.open(2001)
+        g.send_burst(2001, 1024, b"nobody", 10)
+        wait_until(lambda: bridge.stats["no_client"] == 10)
+        assert "no host client connected" in caplog.text
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        client.connect(path)
+        wait_until(lambda: len(bridge.clients) == 1)
+        (peer,) = bridge.clients.values()
+        n = 3000
+        g.send_burst(2001, 1024, b"s" * 200, n)
+        wait_until(lambda: r.device.stats["to_host_messages"] == 10 + n)
+        dropped = peer.stats["dropped_slow_reader"]
+        assert dropped > 0 and peer.queued <= 1024
+        assert peer.stats["to_process"] + peer.queued + dropped == n
+        lines = [rec for rec in caplog.records if "does not read" in rec.getMessage()]
+        assert 0 < len(lines) <= 5
+        client.settimeout(0.5)
+        got = 0
+        try:
+            while client.recv(1000):
+                got += 1
+        except TimeoutError:
+            pass
+        assert got == n - dropped
+        client.close()
+        wait_until(lambda: not bridge.clients)
+        assert bridge.stats["dropped_slow_reader"] == dropped
+
+
 def test_send_many_is_all_or_nothing(serve: Serve) -> None:
     r = serve(RpmsgDevice(outbox_limit=4))
     dev = r.device

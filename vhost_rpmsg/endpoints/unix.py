@@ -3,21 +3,29 @@
 Each guest message becomes one datagram to every connected client; each datagram a
 client sends becomes one message to the guest (to ``dst=`` if given, otherwise to the
 guest address that last wrote to this endpoint).  Clients are plain processes:
-``socat - UNIX-CONNECT:PATH`` style tools, or a few lines of Python.
+``socat - UNIX-CONNECT:PATH`` style tools, or a few lines of Python.  Each client is a
+:class:`~.peer.SeqpacketPeer`, as an fd endpoint's holder is: one that stops reading
+has its own bounded queue and counted drops; with no client connected a guest message
+is counted (``no_client``) and logged, rate-limited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
+from collections import Counter
 from typing import Any
 
 from ..rpmsg.codec import MAX_PAYLOAD
+from ..rpmsg.ratelimit import RateLimitedLog
 from ..vhost_user.server import UnixListener, listen_unix, parse_mode
 from .base import Endpoint, Port
+from .peer import SeqpacketPeer
 
 log = logging.getLogger(__name__)
+_rl = RateLimitedLog(log)
 
 
 class UnixBridge(Endpoint):
@@ -46,10 +54,9 @@ class UnixBridge(Endpoint):
         except ValueError as e:
             raise ValueError(f"mode={e}") from None
         self.listener: UnixListener | None = None
-        self.clients: set[socket.socket] = set()
+        self.clients: dict[socket.socket, SeqpacketPeer] = {}
         self._last_src: int | None = None
-        self.stats = {"to_clients": 0, "from_clients": 0, "client_slow": 0, "no_dst": 0,
-                      "too_large": 0}
+        self.stats: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def bind(self, port: Port) -> None:
@@ -60,68 +67,67 @@ class UnixBridge(Endpoint):
 
     def guest_ready(self) -> None:
         if not self._tasks:
-            self._spawn(self._accept())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            task = asyncio.get_running_loop().create_task(self._accept())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
         assert self.listener is not None
         while True:
             conn, _ = await loop.sock_accept(self.listener)
-            conn.setblocking(False)
-            self.clients.add(conn)
+            peer = SeqpacketPeer(conn, f"{self.describe()} client", _rl)
+            self.clients[conn] = peer
+            self.stats["clients"] += 1
             log.info("%s: host client connected (%d now)", self.describe(), len(self.clients))
-            self._spawn(self._client(conn))
+            peer.start(self._from_client, functools.partial(self._gone, conn))
 
-    async def _client(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    def _gone(self, conn: socket.socket, why: str) -> None:
+        peer = self.clients.pop(conn, None)
+        if peer is not None:
+            self._keep(peer)
+            peer.close()
+        log.info("%s: client gone (%s)", self.describe(), why)
+
+    def _keep(self, peer: SeqpacketPeer) -> None:
+        """A client's counters outlive it: add them to the bridge's."""
+        for key in ("to_process", "dropped_slow_reader", "from_process"):
+            self.stats[key] += peer.stats[key]
+
+    async def _from_client(self, data: bytes) -> None:
         assert self.port is not None
-        try:
-            while True:
-                data = await loop.sock_recv(conn, 65536)
-                if not data:
-                    break
-                dst = self.dst if self.dst is not None else self._last_src
-                if dst is None:
-                    self.stats["no_dst"] += 1
-                    log.error("%s: no guest address to send to yet (give dst=); "
-                              "datagram of %d bytes refused", self.describe(), len(data))
-                    continue
-                if len(data) > MAX_PAYLOAD:
-                    self.stats["too_large"] += 1
-                    log.error("%s: datagram of %d bytes exceeds %d; refused",
-                              self.describe(), len(data), MAX_PAYLOAD)
-                    continue
-                await self.port.asend(dst, data)
-                self.stats["from_clients"] += 1
-        except OSError as e:
-            log.info("%s: client gone: %s", self.describe(), e)
-        finally:
-            self.clients.discard(conn)
-            conn.close()
+        dst = self.dst if self.dst is not None else self._last_src
+        if dst is None:
+            self.stats["no_dst"] += 1
+            _rl.error(f"nodst{self.addr}", "%s: no guest address to send to yet (give "
+                      "dst=); datagram of %d bytes refused", self.describe(), len(data))
+            return
+        if len(data) > MAX_PAYLOAD:
+            self.stats["too_large"] += 1
+            _rl.error(f"big{self.addr}", "%s: datagram of %d bytes exceeds %d; refused",
+                      self.describe(), len(data), MAX_PAYLOAD)
+            return
+        await self.port.asend(dst, data)
+        self.stats["from_clients"] += 1
 
     def on_message(self, src: int, data: bytes) -> None:
         self._last_src = src
-        for conn in list(self.clients):
-            try:
-                conn.send(data)
+        if not self.clients:
+            # nobody to give it to: say so, do not lose it without a trace
+            self.stats["no_client"] += 1
+            _rl.error(f"noclient{self.addr}", "%s: no host client connected; guest "
+                      "message of %d bytes from %d dropped", self.describe(), len(data), src)
+            return
+        for peer in list(self.clients.values()):
+            if peer.send(data):
                 self.stats["to_clients"] += 1
-            except BlockingIOError:
-                self.stats["client_slow"] += 1
-                log.error("%s: client not reading; message of %d bytes not delivered to it",
-                          self.describe(), len(data))
-            except OSError:
-                self.clients.discard(conn)
 
     def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
-        for c in self.clients:
-            c.close()
+        for peer in self.clients.values():
+            peer.close()
+        self.clients.clear()
         if self.listener is not None:
             self.listener.remove_path()
             self.listener.close()

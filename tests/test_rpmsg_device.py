@@ -185,7 +185,7 @@ def test_handler_exception_is_counted_and_server_goes_on(serve: Serve) -> None:
         assert Boom.calls == 3
         assert r.device.stats["handler_failed_messages"] == 3
         slots = r.device.dispatcher.slots
-        assert slots[1024].stats == {"messages": 3, "failed_messages": 3}
+        assert slots[1024].stats == {"messages": 3, "bytes": 15, "failed_messages": 3}
         assert slots[1025].stats == {"messages": 1}
 
 

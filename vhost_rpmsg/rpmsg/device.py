@@ -39,7 +39,7 @@ from .dispatch import HANDLER_QUEUE_LIMIT, Dispatcher
 from .errors import PayloadTooLarge, WouldBlock
 from .outbox import BATCH, Outbox
 from .ratelimit import RateLimitedLog
-from .sessions import GuestService, NameService
+from .sessions import GuestService, NameService, ns_message
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,12 @@ class RpmsgDevice(VirtioDevice):
             if not self.ns.ready:
                 return  # delivered (CREATE) with the next session start
             if not self.acked_features & (1 << VIRTIO_RPMSG_F_NS):
+                return
+            if flags is rp.NsFlags.DESTROY and self.outbox.discard(
+                    ns_message(name, addr, rp.NsFlags.CREATE)):
+                # The guest never saw it: withdraw nothing.  Endpoints opened and closed
+                # while the guest does not read cannot grow the outbox this way.
+                self.stats["ns_cancelled"] += 1
                 return
             self.outbox.append(msg)
             self.stats["ns_announced"] += 1

@@ -48,6 +48,14 @@ class Outbox:
         q.append(msg)
         return True
 
+    def discard(self, msg: bytes) -> bool:
+        """Take ``msg`` out of the queue if it is still there (not yet written)."""
+        try:
+            self._q.remove(msg)
+        except ValueError:
+            return False
+        return True
+
     def extend(self, msgs: Iterable[bytes]) -> None:
         self._q.extend(msgs)
 

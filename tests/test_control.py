@@ -20,7 +20,7 @@ import pytest
 
 from vhost_rpmsg.client import Control, ControlError
 from vhost_rpmsg.control import protocol as cp
-from vhost_rpmsg.control.metrics import parse_address, serve_metrics
+from vhost_rpmsg.control.metrics import MetricsServer, parse_address
 from vhost_rpmsg.control.protocol import ErrorCode, Op
 from vhost_rpmsg.control.server import ControlServer
 from vhost_rpmsg.control.stats import snapshot
@@ -358,7 +358,9 @@ def test_metrics_expose_the_same_counters_in_prometheus_text(ctl: Ctl) -> None:
     def take() -> dict[str, object]:
         return snapshot([r.server], 0.0)
 
-    host, port = serve_metrics("127.0.0.1:0", take, r.loop.loop)
+    exporter = MetricsServer(("127.0.0.1", 0))
+    exporter.attach(take, r.loop.loop)
+    host, port = exporter.address
     with r.guest() as g:
         g.open(3008)
         for _ in range(7):
@@ -371,6 +373,7 @@ def test_metrics_expose_the_same_counters_in_prometheus_text(ctl: Ctl) -> None:
     assert 'vhost_rpmsg_queue_popped_total{queue="1",socket="0"} 7.0' in body
     assert 'vhost_rpmsg_connected{socket="0"} 1.0' in body
     assert "process_resident_memory_bytes" in body
+    exporter.close()
 
 
 @pytest.mark.parametrize("text, want", [

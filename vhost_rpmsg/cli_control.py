@@ -181,7 +181,7 @@ def endpoint_remove(
         _call(ctl, ctl.remove_endpoint, addr, socket)
 
 
-@endpoint_app.command("open", context_settings={"allow_interspersed_args": False})
+@endpoint_app.command("open")
 def endpoint_open(
     name: Annotated[str, typer.Argument(help="service name announced to the guest ('' for "
                                              "none)")],

@@ -109,20 +109,35 @@ def parse_address(text: str) -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1"), number
 
 
-def serve_metrics(address: str, take: Callable[[], dict[str, Any]],
-                  loop: asyncio.AbstractEventLoop) -> tuple[str, int]:
-    """Start the exporter thread; ``take`` runs on ``loop``.  Where it listens."""
-    host, port = parse_address(address)
+class MetricsServer:
+    """The exporter: its socket and HTTP thread are made at once (before any sandbox is
+    entered); scrapes answer with process metrics only until :meth:`attach` gives it the
+    snapshot to read, which then runs on ``loop``."""
 
-    def on_loop() -> dict[str, Any]:
+    def __init__(self, address: tuple[str, int]) -> None:
+        self._take: Callable[[], dict[str, Any]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        registry = CollectorRegistry()
+        registry.register(SnapshotCollector(self._snapshot))
+        registry.register(ProcessCollector(registry=None))
+        self.httpd, self.thread = start_http_server(address[1], address[0], registry=registry)
+        host, port = self.httpd.server_address[:2]
+        self.address = (str(host), int(port))
+        log.info("metrics on http://%s:%d/metrics", *self.address)
+
+    def attach(self, take: Callable[[], dict[str, Any]],
+               loop: asyncio.AbstractEventLoop) -> None:
+        self._take, self._loop = take, loop
+
+    def _snapshot(self) -> dict[str, Any]:
+        take, loop = self._take, self._loop
+        if take is None or loop is None:
+            return {"servers": []}
+
         async def run() -> dict[str, Any]:
             return take()
         return asyncio.run_coroutine_threadsafe(run(), loop).result(SCRAPE_TIMEOUT)
 
-    registry = CollectorRegistry()
-    registry.register(SnapshotCollector(on_loop))
-    registry.register(ProcessCollector(registry=None))
-    httpd, _thread = start_http_server(port, host, registry=registry)
-    bound = httpd.server_address
-    log.info("metrics on http://%s:%d/metrics", bound[0], bound[1])
-    return str(bound[0]), int(bound[1])
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

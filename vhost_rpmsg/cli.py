@@ -32,12 +32,18 @@ except ImportError:  # older typer: click itself
     import click  # type: ignore[no-redef]
 
 from . import __version__
+from .cli_control import endpoint_app, stats
+from .control.metrics import MetricsServer, parse_address
+from .control.server import ControlServer
+from .control.server import default_path as default_control_path
+from .control.stats import snapshot
 from .endpoints.base import Endpoint
 from .endpoints.registry import PluginError, build, options, registry, summary
 from .endpoints.unix import UnixBridge
 from .qemu import QemuLine
 from .rpmsg import codec as rp
 from .rpmsg.device import RpmsgDevice
+from .sandbox import SandboxError, enter, plan
 from .vhost_user.server import (
     LoopThread,
     SocketPathError,
@@ -149,6 +155,27 @@ def serve(
         "--allow-unsealed-memory", help="map guest memory that could shrink under the "
         "server (memory-backend-file, memfd seal=off): only for a trusted front-end, "
         "since shrinking it kills the process")] = False,
+    user: Annotated[str | None, typer.Option(
+        help="run as this user once the sockets exist (needs root); the socket files "
+             "are given to it (docs/security.md)")] = None,
+    group: Annotated[str | None, typer.Option(
+        help="with --user: this group instead of the user's own")] = None,
+    seccomp: Annotated[str | None, typer.Option(
+        help="confine the server to the system calls it needs; a call outside them: "
+             "kill (the process), eperm (fails) or log (allowed, logged by the kernel)")
+    ] = None,
+    seccomp_allow: Annotated[list[str] | None, typer.Option(
+        help="with --seccomp: allow these system calls too (a plugin's), repeatable")
+    ] = None,
+    control: Annotated[str | None, typer.Option(
+        help="control socket for stats and run-time endpoints (default: the socket path "
+             "+ .ctl; docs/control.md)")] = None,
+    no_control: Annotated[bool, typer.Option(
+        "--no-control", help="no control socket")] = False,
+    control_group: Annotated[str | None, typer.Option(
+        help="members of this group may use the control socket too")] = None,
+    metrics: Annotated[str | None, typer.Option(
+        help="serve Prometheus metrics on [HOST:]PORT (loopback by default)")] = None,
     engine: EngineOpt = "auto",
     log_level: LogLevel = "info",
 ) -> None:
@@ -177,20 +204,52 @@ def serve(
         raise typer.BadParameter(f"{outbox}: cannot be negative", param_hint="--outbox")
     mode = _socket_mode(socket_mode)
     factory = _queue_factory(engine)
+    try:
+        sandbox = plan(user, group, seccomp, seccomp_allow or ())
+    except SandboxError as e:
+        _fail(str(e), e.code)
     specs = endpoint if endpoint is not None else ["rpmsg-raw:echo@1024"]
     sets = [_endpoints(specs, i if socket_count > 1 else None) for i in range(socket_count)]
     paths = _socket_paths(socket_path, socket_count) if socket_path is not None else []
+    if no_control and (control is not None or control_group is not None):
+        raise click.exceptions.UsageError("--no-control with --control or --control-group")
+    control_path = None if no_control else (
+        control if control is not None else
+        default_control_path(socket_path) if socket_path is not None else None)
+    if control_group is not None and control_path is None:
+        raise click.exceptions.UsageError("--control-group needs a control socket (with "
+                                          "--fd, give --control PATH)")
+    try:
+        metrics_at = parse_address(metrics) if metrics is not None else None
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--metrics") from None
     _check_paths([(p, "--socket-path") for p in paths]
+                 + ([(control_path, "--control")] if control_path is not None else [])
                  + [(ep.path, f"--endpoint {ep.plugin}@{ep.addr}")
                     for eps in sets for ep in eps if isinstance(ep, UnixBridge)])
     # Checked: now create.  Anything that still fails (a race) is undone before exiting.
     socks: list[socket.socket] = [_inherited_listener(fd)] if fd is not None else []
     devices: list[RpmsgDevice] = []
+    ctl: ControlServer | None = None
+    metrics_server: MetricsServer | None = None
     try:
         socks += [listen_unix(p, mode) for p in paths]
         devices += [RpmsgDevice(eps, outbox_limit=outbox) for eps in sets]  # bridges bind
-    except (OSError, ValueError) as e:
+        if control_path is not None:
+            ctl = ControlServer(control_path, [], group=control_group)
+            ctl.bind()
+        if metrics_at is not None:  # its thread exists before the sandbox is entered
+            metrics_server = MetricsServer(metrics_at)
+        enter(sandbox, [s for s in socks if isinstance(s, UnixListener)]
+              + ([ctl.listener] if ctl is not None and ctl.listener is not None else [])
+              + [ep.listener for eps in sets for ep in eps
+                 if isinstance(ep, UnixBridge) and ep.listener is not None])
+    except (OSError, ValueError, SandboxError) as e:
         _release(ep for eps in sets for ep in eps)
+        if ctl is not None:
+            ctl.close()
+        if metrics_server is not None:
+            metrics_server.close()
         for sock in socks:
             if isinstance(sock, UnixListener):
                 sock.remove_path()
@@ -198,15 +257,14 @@ def serve(
         _fail(str(e))
     servers: list[VhostUserServer] = []
     for sock, device in zip(socks, devices, strict=True):
-        device.guest_ns_listeners.append(
-            lambda ns: log.info("guest announced %r at %d (%s)", ns.name, ns.addr,
-                                ns.flags.name.lower()))
         servers.append(VhostUserServer(device, sock, queue_factory=factory,
                                        allow_unsealed_memory=allow_unsealed_memory))
     for s, device in zip(servers, devices, strict=True):
         eps = ", ".join(ep.describe() for ep in device.endpoints.values())
         log.info("%s: engine %s, endpoints: %s", s.name, engine_name(factory), eps)
-    asyncio.run(_serve_until_signal(servers, devices))
+    if ctl is not None:
+        ctl.servers = servers
+    asyncio.run(_serve_until_signal(servers, devices, ctl, metrics_server))
 
 
 def _release(endpoints: Iterable[Endpoint]) -> None:
@@ -301,16 +359,24 @@ def _binary() -> str:
           "(is the package installed?)")
 
 
-async def _serve_until_signal(servers: list[VhostUserServer],
-                              devices: list[RpmsgDevice]) -> None:
+async def _serve_until_signal(servers: list[VhostUserServer], devices: list[RpmsgDevice],
+                              ctl: ControlServer | None = None,
+                              metrics: MetricsServer | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     for s in servers:
         s.start(loop)
+    if ctl is not None:
+        ctl.start()
+    if metrics is not None:
+        started = time.monotonic()
+        metrics.attach(lambda: snapshot(servers, started), loop)
     await stop.wait()
     log.info("stopping")
+    if ctl is not None:
+        ctl.close()
     for s in servers:
         s.close()
     for d in devices:
@@ -672,6 +738,10 @@ def _main(
         help="print the version and exit")] = False,
 ) -> None:
     """vhost-rpmsg."""
+
+
+app.command("stats")(stats)
+app.add_typer(endpoint_app, name="endpoint")
 
 
 def main() -> None:

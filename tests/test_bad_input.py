@@ -642,3 +642,29 @@ def test_a_front_end_writing_without_pause_cannot_hold_the_loop(
     assert echo_server.counters().get("read_yields", 0) > 0
     s.close()
     _next_guest_works(echo_server)
+
+
+def test_a_blocking_sync_handler_is_seen_counted_and_costs_no_message(
+        serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    """A synchronous handler that sleeps holds the loop (every guest of the server waits:
+    nothing can take the loop back from it).  The server says so: the call is timed,
+    counted per endpoint and logged, rate-limited; once it returns, every message that
+    arrived meanwhile is served."""
+
+    class Sleepy(Endpoint):
+        def on_message(self, src: int, data: bytes) -> None:
+            if data == b"sleep":
+                time.sleep(0.3)
+
+    dev = RpmsgDevice([Sleepy(1025), Echo(1024)])
+    r = serve(dev)
+    with r.guest() as g:
+        g.open(3050)
+        g.send(3050, 1025, b"sleep")
+        for i in range(20):  # these wait while the handler sleeps; none is lost
+            g.send(3050, 1024, b"%d" % i)
+        assert [g.recv(3050)[1] for _ in range(20)] == [b"%d" % i for i in range(20)]
+    slot = dev.dispatcher.slots[1025]
+    assert slot.stats["slow_calls"] == 1 and dev.stats["slow_handler_calls"] == 1
+    assert "held the loop for" in caplog.text
+    assert dev.dispatcher.slots[1024].stats["slow_calls"] == 0

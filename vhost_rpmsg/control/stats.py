@@ -33,6 +33,7 @@ def endpoint_stats(slot: EndpointSlot) -> dict[str, Any]:
         "to_guest_messages": s["to_guest"],
         "to_guest_bytes": s["to_guest_bytes"],
         "handler_failed_messages": s["failed_messages"],
+        "handler_slow_calls": s["slow_calls"],
         "dropped": {"handler_queue_full": s["dropped_queue_full"],
                     "session_ended": s["dropped_on_reset"]},
         "queue_depth": slot.queue.qsize() if slot.queue is not None else 0,

@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from .ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
+#: seconds a synchronous handler may hold the loop before it is counted and logged
+SLOW_HANDLER = 0.1
 #: messages waiting per ``async def`` endpoint before new ones are dropped (counted)
 HANDLER_QUEUE_LIMIT = 1024
 
@@ -116,7 +119,24 @@ class Dispatcher:
                 q.put_nowait(item)
             if n > room:
                 self._overflow(slot, n - room)
-        elif style == "arrays":
+            return
+        # A synchronous handler runs on the loop: while it runs, no guest of this server
+        # is served.  That cannot be prevented, only seen: time it, count it, say so.
+        t0 = time.perf_counter()
+        self._call(slot, run, n)
+        held = time.perf_counter() - t0
+        if held > SLOW_HANDLER:
+            slot.stats["slow_calls"] += 1
+            self._stats["slow_handler_calls"] += 1
+            self._rl.error(f"slow{ep.addr}", "endpoint %s held the loop for %.0f ms: every "
+                           "guest of this server waited (a handler that blocks should be "
+                           "async def, or hand its work to a thread)", ep.describe(),
+                           held * 1000)
+
+    def _call(self, slot: EndpointSlot, run: MessageBatch, n: int) -> None:
+        ep = slot.endpoint
+        style = slot.style
+        if style == "arrays":
             try:
                 ep.on_message_batch(run)
             except Exception:

@@ -186,7 +186,7 @@ def test_handler_exception_is_counted_and_server_goes_on(serve: Serve) -> None:
         assert r.device.stats["handler_failed_messages"] == 3
         slots = r.device.dispatcher.slots
         assert slots[1024].stats == {"messages": 3, "bytes": 15, "failed_messages": 3}
-        assert slots[1025].stats == {"messages": 1}
+        assert slots[1025].stats == {"messages": 1, "bytes": 4, "to_guest": 1, "to_guest_bytes": 4}
 
 
 def test_unknown_destination_counted_and_buffer_returned(serve: Serve) -> None:

@@ -108,7 +108,7 @@ def test_in_use_is_refused_and_first_server_stays_reachable(tmp_path: Path,
     assert str(path) in second.stderr and "in use" in second.stderr
     assert "Traceback" not in second.stderr
     assert os.lstat(path).st_ino == ident  # not replaced
-    assert sorted(os.listdir(tmp_path)) == ["r.sock"]  # no temporary name left either
+    assert sorted(os.listdir(tmp_path)) == ["r.sock", "r.sock.ctl"]  # no temporary name left
     _echo_works(path)  # after the second one has exited
     assert first.stop() == 0
     assert not path.exists()
@@ -128,7 +128,7 @@ def test_stale_socket_is_replaced(tmp_path: Path, served: list[Served]) -> None:
         assert s.proc.poll() is None and time.monotonic() < deadline, s.stop() or s.stderr
         time.sleep(0.01)
     _echo_works(path)
-    assert sorted(os.listdir(tmp_path)) == ["r.sock"]
+    assert sorted(os.listdir(tmp_path)) == ["r.sock", "r.sock.ctl"]
 
 
 def test_path_appears_only_when_it_accepts(tmp_path: Path, served: list[Served]) -> None:

@@ -22,13 +22,19 @@ def report(sink16_cffi: float = 4e6, sink16_py: float = 2e5, sink496: float = 3e
     rates = {("sink", "cffi", 16): sink16_cffi, ("sink", "python", 16): sink16_py,
              ("sink", "cffi", 496): sink496, ("source", "cffi", 496): source496,
              ("sink", "python", 496): sink496 / 10, ("source", "python", 496): 1.0,
-             ("source", "cffi", 16): 1.0, ("source", "python", 16): 1.0}
+             ("source", "cffi", 16): 1.0, ("source", "python", 16): 1.0,
+             # fd endpoints: sink 16 B at exactly 1/4 of in-process, 496 B at 1/10;
+             # sources at 1/1 and 1/2
+             ("fd sink", "cffi", 16): sink16_cffi / 4, ("fd sink", "cffi", 496): sink496 / 10,
+             ("fd source", "cffi", 16): 1.0, ("fd source", "cffi", 496): source496 / 2}
     for (name, engine, size), rate in rates.items():
         if size in sizes:
             r.cases.append(Case(name, engine, size, int(rate), 1.0, 1.0, 0.2))
     # 5000 echoes in 0.5 s with the backend busy 40% of it: 40 µs of backend CPU each
     r.cases.append(Case("echo", "cffi", 16, 5000, 0.5, 0.4, 0.3, echo_p50, 2 * echo_p50))
     r.cases.append(Case("echo", "python", 16, 5000, 0.5, 0.9, 0.3, 999.0, 999.0))
+    # 1000 open+close pairs in 0.2 s: 200 µs each
+    r.cases.append(Case(bench.CONTROL_CASE, "cffi", 0, 1000, 0.2, 0.5, 0.5, 150.0, 400.0))
     r.floors = {f"memcpy{s}_msgs_per_s": 2e7 for s in sizes}
     r.floors["eventfd_pingpong_p50_us"] = pingpong
     r.backend_peak_rss_mb = dict(zip(("cffi", "python"), rss, strict=True))
@@ -47,6 +53,11 @@ def test_figures_are_computed_from_the_cffi_cases() -> None:
     assert f["echo_p50_over_pingpong"] == pytest.approx(100 / 60)
     assert f["backend_cpu_per_echo_us"] == pytest.approx(40.0)
     assert f["backend_peak_rss_mb"] == 45.0  # the larger engine's
+    assert f["fd_sink16_over_sink16"] == pytest.approx(0.25)
+    assert f["fd_sink496_over_sink496"] == pytest.approx(0.1)
+    assert f["fd_source16_over_source16"] == pytest.approx(1.0)
+    assert f["fd_source496_over_source496"] == pytest.approx(0.5)
+    assert f["control_open_close_us"] == pytest.approx(200.0)  # the mean, not the p50
     assert set(f) >= {t.figure for t in TARGETS}, "every target's figure is computed"
 
 
@@ -60,6 +71,11 @@ def test_each_target_is_met_or_missed_against_its_goal() -> None:
         ("echo_p50_over_pingpong", 2.0): True,
         ("backend_cpu_per_echo_us", 10): False,
         ("backend_peak_rss_mb", 80): True,
+        ("fd_sink16_over_sink16", 0.25): True,
+        ("fd_sink496_over_sink496", 0.25): False,
+        ("fd_source16_over_source16", 0.25): True,
+        ("fd_source496_over_source496", 0.25): True,
+        ("control_open_close_us", 100): False,
     }
     worse = verdicts(report(sink16_py=2.1e5, source496=0.7e6, echo_p50=130.0, rss=(40, 81)))
     assert worse[("sink16_cffi_over_python", 20)] is False
@@ -74,6 +90,7 @@ def test_a_target_whose_cases_did_not_run_is_not_measured() -> None:
     v = verdicts(report(sizes=(16,)))
     assert v[("sink496_over_memcpy", 0.10)] is None
     assert v[("source496_over_sink496", 0.25)] is None
+    assert v[("fd_sink496_over_sink496", 0.25)] is None
     assert v[("sink16_cffi_over_python", 20)] is True
 
 
@@ -81,7 +98,7 @@ def test_targets_name_their_goal_and_source() -> None:
     assert len({(t.figure, t.goal) for t in TARGETS}) == len(TARGETS)
     for t in TARGETS:
         assert t.op in (">=", "<=") and t.goal > 0 and t.what and t.unit
-        assert t.source in (bench.PERF_DOC, bench.PERF_ISSUE)
+        assert t.source in (bench.PERF_DOC, bench.PERF_ISSUE, bench.CONTROL_ISSUE)
 
 
 def test_json_has_every_target_with_its_verdict() -> None:
@@ -97,10 +114,11 @@ def test_tables_show_goals_marks_and_readable_floors() -> None:
     for table in bench.render(report()):
         console.print(table)
     text = console.export_text()
-    assert "targets: 5 of 7 met" in text
+    assert "targets: 8 of 12 met" in text
     rows = [line for line in text.splitlines() if "met" in line or "missed" in line]
-    assert sum("✓ met" in line for line in rows) == 5
-    assert sum("✗ missed" in line for line in rows) == 2
+    assert sum("✓ met" in line for line in rows) == 8
+    assert sum("✗ missed" in line for line in rows) == 4
+    assert any("≤ 100.0 µs" in line and "200.0 µs" in line for line in rows)
     assert any("≤ 10.0 µs" in line and "40.0 µs" in line and "missed" in line for line in rows)
     assert "20.0 M msgs/s" in text and "60.0 µs" in text and "45.0 MB" in text
 

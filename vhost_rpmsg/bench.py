@@ -7,6 +7,11 @@ Cases, per engine:
   * ``source S`` host → guest: a control message asks the host to send N messages of S
     bytes as fast as the guest takes them; timed until the guest has counted them all.
   * ``echo``     round trips of 16-byte messages to an echo endpoint: p50 / p99.
+  * ``fd sink S`` / ``fd source S``  the same traffic through an fd endpoint from the
+    control socket, held by a C program (vhost_rpmsg/cdata/bench_fd_peer.c, compiled at run time):
+    what a process outside the server gets, next to the in-process endpoints.
+  * ``control open+close``  an fd endpoint opened and closed through the control
+    socket, timed until the guest has seen its announcement and its withdrawal.
 Floors: a bare memcpy of the same bytes (numpy, one bulk copy) and an eventfd
 ping-pong between two processes (the least any cross-process round trip costs).
 With ``pin``, server and guest (and the two ping-pong processes) run on different CPUs;
@@ -23,20 +28,49 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import select
+import shlex
+import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+try:  # typer 0.2x carries its own copy of click (the CLI's one-line errors catch it)
+    from typer import _click as click
+except ImportError:  # older typer: click itself
+    import click  # type: ignore[no-redef]
+
 from .endpoints.base import Endpoint
 from .endpoints.builtin import Echo, Sink
+from .endpoints.peer import PEER_QUEUE_LIMIT
+
+if TYPE_CHECKING:
+    from .client import EndpointSocket
+    from .guest import SimGuest
 
 SINK, ECHO, CTL = 1024, 1025, 1026
 GUEST_ADDR = 2000
+#: the C holder of the fd cases, built with the system compiler at run time
+PEER_SOURCE = Path(__file__).resolve().parent / "cdata" / "bench_fd_peer.c"
+#: fd sink: the C sink acknowledges every FD_ACK messages and the guest keeps at most
+#: FD_WINDOW unacknowledged.  The server queues PEER_QUEUE_LIMIT messages for a reader
+#: that falls behind, beyond its socket buffer (which holds over 100 even of 496 bytes),
+#: and drops the rest, by design: an unbounded burst outruns a reader the scheduler
+#: holds back (seen on this machine: 4,473 of 50,000 arrived).  So the window is that
+#: limit, and the rate where the holder waits is about window / its wake-up latency.
+FD_WINDOW, FD_ACK = PEER_QUEUE_LIMIT, 128
+#: the fd cases move this share of --messages: each message costs a system call and
+#: usually a wake-up of the holder, so they are several times slower, and their rate
+#: (what is compared) needs no more messages to be steady
+FD_SHARE = 8
+CONTROL_CASE = "control open+close"
 
 
 @dataclass(frozen=True)
@@ -56,6 +90,7 @@ class Target:
 
 PERF_DOC = "docs/performance.md"
 PERF_ISSUE = "issue 13"
+CONTROL_ISSUE = "issue 10"
 #: Every target the project has set, in one place: the figure, its goal, its source.
 #: Figures come from the cffi engine where it ran (python otherwise), all within one run.
 TARGETS: tuple[Target, ...] = (
@@ -73,7 +108,22 @@ TARGETS: tuple[Target, ...] = (
            PERF_ISSUE),
     Target("backend_peak_rss_mb", "backend peak RSS (largest engine)", "<=", 80, "MB",
            PERF_DOC),
+    Target("fd_sink16_over_sink16", "fd sink 16 B / in-process sink 16 B", ">=", 0.25, "x",
+           CONTROL_ISSUE),
+    Target("fd_sink496_over_sink496", "fd sink 496 B / in-process sink 496 B", ">=", 0.25,
+           "x", CONTROL_ISSUE),
+    Target("fd_source16_over_source16", "fd source 16 B / in-process source 16 B", ">=", 0.25, "x",
+           CONTROL_ISSUE),
+    Target("fd_source496_over_source496", "fd source 496 B / in-process source 496 B", ">=", 0.25,
+           "x", CONTROL_ISSUE),
+    Target("control_open_close_us", "control open+close per pair, seen by guest", "<=", 100,
+           "µs", CONTROL_ISSUE),
 )
+
+
+class BenchError(click.ClickException):
+    """The bench cannot run here (no C compiler, no source tree): one ``error:`` line
+    from the CLI, like its other refusals."""
 
 
 def _sig3(value: float) -> str:
@@ -149,6 +199,13 @@ class Report:
             src = self.find("source", s496.engine, 496)
             if src and s496.msgs_per_s:
                 out["source496_over_sink496"] = src.msgs_per_s / s496.msgs_per_s
+        for kind in ("sink", "source"):  # fd endpoint / in-process, per size
+            for size in sorted({c.size for c in self.cases if c.name == f"fd {kind}"}):
+                fd = self.find(f"fd {kind}", "cffi", size) or self.find(f"fd {kind}",
+                                                                       "python", size)
+                base = self.find(kind, fd.engine, size) if fd else None
+                if fd and base and base.msgs_per_s:
+                    out[f"fd_{kind}{size}_over_{kind}{size}"] = fd.msgs_per_s / base.msgs_per_s
         return out
 
     def figures(self) -> dict[str, float]:
@@ -159,6 +216,9 @@ class Report:
             out["backend_cpu_per_echo_us"] = echo.backend_cpu * echo.seconds / echo.messages * 1e6
         if self.backend_peak_rss_mb:
             out["backend_peak_rss_mb"] = max(self.backend_peak_rss_mb.values())
+        ctl = self.find(CONTROL_CASE, "cffi") or self.find(CONTROL_CASE, "python")
+        if ctl and ctl.messages:
+            out["control_open_close_us"] = ctl.seconds / ctl.messages * 1e6
         return out
 
     def targets(self) -> list[dict[str, Any]]:
@@ -233,6 +293,7 @@ def _server_main(path: str, engine: str, ready: Any, cpu: int | None = None) -> 
     import asyncio
     import signal
 
+    from .control.server import ControlServer, default_path
     from .rpmsg.device import RpmsgDevice
     from .vhost_user.server import VhostUserServer, listen_unix
     from .virtio.engines import queue_factory
@@ -241,14 +302,17 @@ def _server_main(path: str, engine: str, ready: Any, cpu: int | None = None) -> 
     sink = Sink(SINK)
     device = RpmsgDevice([sink, Echo(ECHO), BenchControl(CTL, sink)], outbox_limit=1024)
     server = VhostUserServer(device, listen_unix(path), queue_factory=queue_factory(engine))
+    control = ControlServer(default_path(path), [server])  # as serve runs it: same loop
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         server.start(loop)
+        control.start()
         ready.set()
         await stop.wait()
+        control.close()
         server.close()
 
     asyncio.run(main())
@@ -282,15 +346,85 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _percentiles(lat: list[float]) -> dict[str, float]:
+    """p50 / p99 in µs of latencies in seconds."""
+    lat = sorted(lat)
+    return {"p50_us": lat[len(lat) // 2] * 1e6,
+            "p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6}
+
+
+def _hold(peer: str, ep: EndpointSocket, *args: str) -> subprocess.Popen[bytes]:
+    """The C holder of ``ep`` (vhost_rpmsg/cdata/bench_fd_peer.c), running ``args``; our copy of the
+    fd is closed, so the endpoint lives exactly as long as the holder."""
+    fd = ep.fileno()
+    proc = subprocess.Popen([peer, "-f", str(fd), *args], pass_fds=(fd,),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    ep.close()
+    return proc
+
+
+def _finish(proc: subprocess.Popen[bytes], what: str, messages: int) -> None:
+    """Wait for a holder (closing its stdin ends a source); it must have moved them all."""
+    out, _ = proc.communicate(timeout=60)
+    words = out.split()
+    if proc.returncode != 0 or not words or int(words[0]) != messages:
+        raise RuntimeError(f"bench: the C {what} holder moved {out.decode().strip() or '?'} "
+                           f"of {messages} messages (exit status {proc.returncode})")
+
+
+def _send_windowed(g: SimGuest, src: int, dst: int, payload: bytes, n: int) -> None:
+    """Send ``n`` messages to the fd sink at ``dst``, at most FD_WINDOW of them not yet
+    acknowledged (its acknowledgements come to ``src``, a counting address); return
+    once it has acknowledged the last."""
+    base = g.counted(src)[0]
+    acks = -(-n // FD_ACK)
+    sent = 0
+    while sent < n:
+        got = g.counted(src)[0] - base
+        room = FD_WINDOW - (sent - got * FD_ACK)
+        if room <= 0:
+            g.wait_counted(src, base + got + 1, timeout=60)
+            continue
+        burst = min(room, n - sent)
+        g.send_burst(src, dst, payload, burst)
+        sent += burst
+    g.wait_counted(src, base + acks, timeout=60)
+
+
+def _wait_ns(g: SimGuest, addr: int, flags: Any, timeout: float = 30.0) -> None:
+    """Drive the guest's rx ring until a name-service message ``flags`` for ``addr``
+    has arrived (the guest of the bench has no rx thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ns = g.ns_events.get_nowait()
+        except queue.Empty:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"bench: no name-service {flags.name} for {addr} in "
+                                   f"{timeout} s") from None
+            g._rx_poll(left)
+            continue
+        if ns.addr == addr and ns.flags is flags:
+            return
+
+
 def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messages: int,
-                samples: int, out: Any, cpu: int | None = None) -> None:
+                samples: int, peer: str, out: Any, cpu: int | None = None) -> None:
+    from .client import Control
+    from .control.server import default_path
     from .guest import SimGuest
+    from .rpmsg.codec import NsFlags
 
     _pin(cpu)
     results: list[dict[str, Any]] = []
-    with SimGuest(path, rx_thread=False) as g:
+    fd_messages = max(1, messages // FD_SHARE)
+    with SimGuest(path, rx_thread=False) as g, Control(default_path(path)) as ctl:
         g.open(GUEST_ADDR)
         g.open_counter(GUEST_ADDR + 1)
+        acks, fd_dst = GUEST_ADDR + 2, GUEST_ADDR + 3
+        g.open_counter(acks)
+        g.open_counter(fd_dst)
 
         def sync() -> int:
             g.send(GUEST_ADDR, CTL, b"sync")
@@ -319,6 +453,14 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
                 assert sync() == before + messages
 
             measure("sink", size, messages, to_sink)
+            ep = ctl.open_endpoint()  # no name: nothing announced
+            holder = _hold(peer, ep, "sink", str(fd_messages), str(FD_ACK))
+
+            def to_fd(payload: bytes = payload, addr: int = ep.addr) -> None:
+                _send_windowed(g, acks, addr, payload, fd_messages)
+
+            measure("fd sink", size, fd_messages, to_fd)
+            _finish(holder, "sink", fd_messages)
         for size in sizes:
             start = g.counted(GUEST_ADDR + 1)[0]
 
@@ -327,6 +469,18 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
                 g.wait_counted(GUEST_ADDR + 1, start + messages, timeout=120)
 
             measure("source", size, messages, from_source)
+            holder = _hold(peer, ctl.open_endpoint(dst=fd_dst), "source", str(fd_messages),
+                           str(size))
+            start = g.counted(fd_dst)[0]
+
+            def from_fd(holder: subprocess.Popen[bytes] = holder, start: int = start) -> None:
+                assert holder.stdin is not None
+                holder.stdin.write(b"g")  # the start signal
+                holder.stdin.flush()
+                g.wait_counted(fd_dst, start + fd_messages, timeout=120)
+
+            measure("fd source", size, fd_messages, from_fd)
+            _finish(holder, "source", fd_messages)
         lat: list[float] = []
 
         def echo() -> None:
@@ -338,9 +492,21 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
                 lat.append(time.perf_counter() - t0)
 
         measure("echo", 16, samples, echo)
-        lat.sort()
-        results[-1]["p50_us"] = lat[len(lat) // 2] * 1e6
-        results[-1]["p99_us"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6
+        results[-1].update(_percentiles(lat))
+        pairs = max(50, min(samples // 5, 1000))
+        lat = []
+
+        def open_close() -> None:
+            for _ in range(pairs):
+                t0 = time.perf_counter()
+                ep = ctl.open_endpoint("bench-ctl")
+                _wait_ns(g, ep.addr, NsFlags.CREATE)
+                ep.close()
+                _wait_ns(g, ep.addr, NsFlags.DESTROY)
+                lat.append(time.perf_counter() - t0)
+
+        measure(CONTROL_CASE, 0, pairs, open_close)
+        results[-1].update(_percentiles(lat))
     out.send(results)
 
 
@@ -395,6 +561,25 @@ def eventfd_pingpong_floor(samples: int, pin: bool = False) -> tuple[float, floa
 # -------------------------------------------------------------------- orchestration
 
 
+def build_peer(outdir: str) -> str:
+    """Compile vhost_rpmsg/cdata/bench_fd_peer.c with the system compiler (``$CC``, else
+    ``cc``) into ``outdir``; its path."""
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        raise BenchError(f"the fd endpoint cases need a C compiler: {cc[0] if cc else 'cc'} "
+                         "not found (install gcc or set CC)")
+    if not PEER_SOURCE.is_file():
+        raise BenchError(f"{PEER_SOURCE} not found: the fd endpoint cases compile it from "
+                         "the project's source tree")
+    binary = os.path.join(outdir, "bench_fd_peer")
+    done = subprocess.run([*cc, "-O2", "-o", binary, str(PEER_SOURCE)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(cc)} could not build {PEER_SOURCE}: "
+                         f"{done.stderr.strip() or done.returncode}")
+    return binary
+
+
 def run(engines: list[str], sizes: list[int], messages: int, samples: int,
         progress: Callable[[str], None] = lambda s: None, pin: bool = False) -> Report:
     """Run every case for every engine; floors measured in the same run."""
@@ -407,6 +592,7 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
     for engine in engines:
         with tempfile.TemporaryDirectory(prefix="vhost-rpmsg-bench-") as tmp:
             path = os.path.join(tmp, "bench.sock")
+            peer = build_peer(tmp)  # a fraction of a second: before anything starts
             ready = ctx.Event()
             server = ctx.Process(target=_server_main, args=(path, engine, ready, server_cpu),
                                  daemon=True)
@@ -417,14 +603,18 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
             recv, send = ctx.Pipe(duplex=False)
             assert server.pid is not None
             guest = ctx.Process(target=_guest_main, args=(
-                path, server.pid, engine, sizes, messages, samples, send, guest_cpu))
+                path, server.pid, engine, sizes, messages, samples, peer, send, guest_cpu))
             guest.start()
-            ncases = 2 * len(sizes) + 1
+            ncases = 4 * len(sizes) + 2
             for k in itertools.count(1):
-                if not recv.poll(600):
-                    guest.kill()
-                    server.kill()
-                    raise RuntimeError(f"bench guest ({engine}) produced no result")
+                # a guest that failed (a case's error is on stderr) ends the run at once
+                deadline = time.monotonic() + 600
+                while not recv.poll(1):
+                    if not guest.is_alive() or time.monotonic() > deadline:
+                        guest.kill()
+                        server.kill()
+                        raise RuntimeError(f"bench guest ({engine}) produced no result "
+                                           f"(exit status {guest.exitcode})")
                 msg = recv.recv()
                 if not isinstance(msg, tuple):  # the results, when all cases are done
                     break
@@ -455,8 +645,9 @@ def render(report: Report) -> list[Any]:
                 "backend CPU", "guest CPU"):
         cases.add_column(col, justify="left" if col in ("case", "engine") else "right")
     for c in report.cases:
-        cases.add_row(c.name, c.engine, str(c.size), f"{c.msgs_per_s:,.0f}",
-                      f"{c.mb_per_s:,.1f}", f"{c.p50_us:.1f}" if c.p50_us else "",
+        moved = c.name != CONTROL_CASE  # its "messages" are open+close pairs, no payload
+        cases.add_row(c.name, c.engine, str(c.size) if moved else "", f"{c.msgs_per_s:,.0f}",
+                      f"{c.mb_per_s:,.1f}" if moved else "", f"{c.p50_us:.1f}" if c.p50_us else "",
                       f"{c.p99_us:.1f}" if c.p99_us else "",
                       f"{c.backend_cpu:.0%}", f"{c.guest_cpu:.0%}")
     floors = Table(title="floors and memory (same run)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Annotated, Any, NoReturn
@@ -92,6 +93,9 @@ def stats(
 
 def _print_stats(snap: dict[str, Any]) -> None:
     console.print(f"[bold]server[/] pid {snap['pid']}, up {snap['uptime_s']:.0f} s")
+    control = snap.get("control", {})
+    if control:
+        console.print("  control: " + ", ".join(f"{k} {v}" for k, v in sorted(control.items())))
     for srv in snap["servers"]:
         state = "connected" if srv["connected"] else "no front-end"
         head = f"[bold]socket {srv['index']}[/] {srv['socket']}: {state}, {srv['engine']}"
@@ -202,6 +206,8 @@ def endpoint_open(
     killed, it is removed and its announcement withdrawn."""
     if not command:
         raise typer.BadParameter("give the program to run after --", param_hint="COMMAND")
+    if shutil.which(command[0]) is None:  # before the guest sees an announcement
+        _fail(f"{command[0]}: no such program (or not executable)", 127)
     with _connect(control, socket_path) as ctl:
         ep = _call(ctl, ctl.open_endpoint, name or None, addr=addr, dst=dst,
                    addressed=addressed, socket_index=socket)

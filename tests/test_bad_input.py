@@ -668,3 +668,28 @@ def test_a_blocking_sync_handler_is_seen_counted_and_costs_no_message(
     assert slot.stats["slow_calls"] == 1 and dev.stats["slow_handler_calls"] == 1
     assert "held the loop for" in caplog.text
     assert dev.dispatcher.slots[1024].stats["slow_calls"] == 0
+
+
+def test_a_broken_rx_ring_stops_the_send_not_the_sender(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The guest corrupts its rx avail index, then a host endpoint sends: the flush that
+    finds it breaks the ring (err eventfd) and stops there.  QueueBroken used to escape
+    flush(): into the sender's send() call, an echo's handler (counted as its failure)
+    and the loop's exception handler (found by fuzz/fuzz_vhost_user.py)."""
+    g = echo_server.guest().start()
+    g.open(3060)
+    rx = g.rings[0]
+    with g._rx_lock:
+        rx.avail[1] = (rx.avail_idx + 1000) & 0xFFFF
+    dev = echo_server.device
+    dev.send(1024, 3060, b"to a broken ring")  # no exception for the sender
+    b = echo_server.server.backend
+    assert b is not None
+    wait_until(lambda: echo_server.call(lambda: b.vrings[0].state) is RingState.BROKEN)
+    wait_until(lambda: _readable(g.err[0]))
+    g.send(3060, 1024, b"echo into it")  # the echo's reply meets the broken ring too
+    wait_until(lambda: dev.stats["to_host_messages"] == 1)
+    assert dev.stats["handler_errors"] == 0
+    assert "Exception in callback" not in caplog.text
+    g.disconnect()
+    _next_guest_works(echo_server)

@@ -32,7 +32,7 @@ from ..virtio.constants import (
     VIRTIO_RING_F_INDIRECT_DESC,
     VIRTIO_RPMSG_F_NS,
 )
-from ..virtio.queue import Chain, ChainError, Queue, RawBatch
+from ..virtio.queue import Chain, ChainError, Queue, QueueBroken, RawBatch
 from . import codec as rp
 from .batch import Parsed, parse
 from .dispatch import HANDLER_QUEUE_LIMIT, Dispatcher
@@ -434,9 +434,14 @@ class RpmsgDevice(VirtioDevice):
         with self.lock:
             if not self.ns.ready or not vr.ready:
                 return
-            with q.state.lock, vr.guarding():
-                wrote = self.outbox.fill(q)
-                vr.notify()
+            try:
+                with q.state.lock, vr.guarding():
+                    wrote = self.outbox.fill(q)
+                    vr.notify()
+            except QueueBroken:
+                # guarding() broke the ring (logged, err eventfd signalled): the guest's
+                # fault, not the sender's; what is queued waits for the ring's next setup
+                return
             if wrote:
                 self.lock.notify_all()
         if wrote and self._room is not None:

@@ -18,13 +18,22 @@ head or length outside uint32, a made-up raw batch).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import atheris
 import numpy as np
-from _common import Reader, Writer, capture_logs, guarded_region, main, use_asan_build_if_asked
+from _common import (
+    ROOT,
+    Reader,
+    Writer,
+    capture_logs,
+    guarded_region,
+    main,
+    use_asan_build_if_asked,
+)
 
 use_asan_build_if_asked()
 
@@ -44,6 +53,10 @@ with atheris.instrument_imports(include=["vhost_rpmsg"]):
     from vhost_rpmsg.virtio.queue_cffi import CffiQueue
     from vhost_rpmsg.virtio.queue_python import PythonQueue
 
+# after the instrumented imports, so the modules it imports are instrumented
+sys.path.insert(0, str(ROOT))  # tests.helpers: the one definition of "the engines agree"
+from tests.helpers import Outcome, agree, outcome  # noqa: E402
+
 M64 = (1 << 64) - 1
 MAX_STEPS = 48
 KEEP = 32  # chains and raw batches remembered for later reads, writes and pushes
@@ -56,23 +69,6 @@ CLEAN: tuple[type[Exception], ...] = (QueueBroken, StaleChain)
  FEATURES, RESTART) = range(28)
 NSTEPS = 28
 
-Outcome = tuple[Any, ...]
-
-
-def outcome(fn: Callable[[], Any]) -> Outcome:
-    try:
-        return ("ok", fn())
-    except Exception as e:
-        return ("raise", type(e), str(e))
-
-
-def agree(a: Outcome, b: Outcome) -> bool:
-    """Same result (arrays: same dtype, shape and bytes) or the same exception and text."""
-    if a[0] == b[0] == "ok" and isinstance(a[1], np.ndarray):
-        x, y = a[1], b[1]
-        return (isinstance(y, np.ndarray) and x.dtype == y.dtype and x.shape == y.shape
-                and x.tobytes() == y.tobytes())
-    return a == b
 
 
 # -- guest memory layout ------------------------------------------------------------------

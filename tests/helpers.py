@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -134,3 +135,23 @@ def serving(argv: list[str], path: Path) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
         raise AssertionError("the server did not exit within 20 s of SIGTERM") from None
     assert code == 0, proc.stderr.read().decode() if proc.stderr else code
+
+
+Outcome = tuple[Any, ...]
+
+
+def outcome(fn: Callable[[], Any]) -> Outcome:
+    try:
+        return ("ok", fn())
+    except Exception as e:
+        return ("raise", type(e), str(e))
+
+
+def agree(a: Outcome, b: Outcome) -> bool:
+    """Two engines did the same: the same result (arrays: same dtype, shape and bytes)
+    or the same exception and text.  Shared by the differential tests and fuzz_rings."""
+    if a[0] == b[0] == "ok" and isinstance(a[1], np.ndarray):
+        x, y = a[1], b[1]
+        return (isinstance(y, np.ndarray) and x.dtype == y.dtype and x.shape == y.shape
+                and x.tobytes() == y.tobytes())
+    return a == b

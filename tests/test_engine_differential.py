@@ -56,7 +56,7 @@ from vhost_rpmsg.virtio.queue import (
 )
 from vhost_rpmsg.virtio.queue_python import PythonQueue
 
-from .helpers import setup_queue
+from .helpers import Outcome, agree, outcome, setup_queue
 
 try:
     from vhost_rpmsg.virtio import queue_cffi
@@ -166,23 +166,6 @@ def started_vring(q: Queue) -> Vring:
     return vr
 
 
-Outcome = tuple[Any, ...]
-
-
-def outcome(fn: Callable[[], Any]) -> Outcome:
-    try:
-        return ("ok", fn())
-    except Exception as e:
-        return ("raise", type(e), str(e))
-
-
-def agree(a: Outcome, b: Outcome) -> bool:
-    """The two outcomes are the same (arrays: same dtype, shape and bytes)."""
-    if a[0] == b[0] == "ok" and isinstance(a[1], np.ndarray):
-        x, y = a[1], b[1]
-        return (isinstance(y, np.ndarray) and x.dtype == y.dtype and x.shape == y.shape
-                and x.tobytes() == y.tobytes())
-    return a == b
 
 
 def qstate(vr: Vring) -> tuple[Any, ...]:

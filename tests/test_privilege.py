@@ -371,6 +371,8 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 AS_NOBODY = """
 import contextlib, io, os, sys
 from vhost_rpmsg.cli import app, main
+from vhost_rpmsg.virtio.engines import queue_factory
+queue_factory("auto")  # the engine's modules, imported while they are still readable
 with contextlib.redirect_stdout(io.StringIO()):
     app(["serve", "--print-capabilities"], standalone_mode=False)
 os.setgroups([])

@@ -786,7 +786,7 @@ class Worker(threading.Thread):
             g = self.guest()
             hostile_avail_jump(g)
             deadline = time.monotonic() + WAIT
-            while not _readable(g.err[1]):  # the server signals the broken ring
+            while not g.take_error(1):  # the server signals the broken ring
                 if time.monotonic() > deadline:
                     raise AssertionError(f"socket {self.index}: no error notification "
                                          "for a broken ring")
@@ -821,14 +821,6 @@ class Worker(threading.Thread):
                     self.stop_event.set()
         with contextlib.suppress(Exception):
             self.close()
-
-
-def _readable(fd: int) -> bool:
-    try:
-        os.eventfd_read(fd)
-        return True
-    except BlockingIOError:
-        return False
 
 
 # -- the run ------------------------------------------------------------------------------------

@@ -492,6 +492,15 @@ class SimGuest:
 
     # -- helpers -------------------------------------------------------------------------
 
+    def take_error(self, q: int) -> bool:
+        """Whether the back-end signalled queue ``q``'s err eventfd (a broken ring) since
+        the last call; the signal is consumed."""
+        try:
+            os.eventfd_read(self.err[q])
+        except BlockingIOError:
+            return False
+        return True
+
     def kick_queue(self, q: int) -> None:
         os.eventfd_write(self.kick[q], 1)
         if q == RX:

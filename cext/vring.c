@@ -303,6 +303,94 @@ int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
     return VR_POP_DONE;
 }
 
+/* -- filling rx chains ------------------------------------------------------------------ */
+
+int vr_fill_rx(const vr_ring *ring, vr_fill *f, const uint8_t *data, const uint64_t *lens,
+            uint32_t nmsgs)
+{
+    const uint32_t mask = ring->size - 1;
+    const int indirect_ok = (f->flags & VR_F_INDIRECT) != 0;
+    const seg_sink sink = {f->seg_cap, f->seg_region, f->seg_off, f->seg_len, f->seg_writable};
+    uint16_t last = f->last_avail;
+    uint16_t idx = f->used_idx;
+    uint64_t pos = 0;
+    uint32_t m = 0, i;
+    int status = VR_POP_DONE;
+
+    f->written = f->popped = f->nbad = f->pushed = f->nrefused = f->exhausted = 0;
+    const uint16_t avail_idx = ld16_acquire(ring->avail + 2);
+    const uint32_t pending = (uint16_t)(avail_idx - last);
+    f->avail_idx = avail_idx;
+    f->pending = pending;
+    /* virtio 1.2 §2.7: "Queue Size corresponds to the maximum number of buffers in the
+     * virtqueue" */
+    if (pending > ring->size)
+        return VR_POP_AHEAD;
+    for (i = 0; i < pending && m < nmsgs; i++) {
+        walk_result w;
+        const uint32_t head = ld16(ring->avail + 4 + 2 * (last & mask));
+        const uint8_t err = walk(ring, indirect_ok, head, &sink, 0, &w);
+        const uint64_t len = lens[m];
+        uint8_t kind = err;
+        uint64_t detail = 0;
+        uint32_t used_len = 0;
+
+        if (err == VR_CHAIN_OK && w.nseg > f->seg_cap) {
+            status = VR_POP_NEED_SEGS;
+            break;
+        }
+        if (err != VR_CHAIN_OK)
+            f->nbad++;
+        else if (w.nread)
+            kind = VR_FILL_READABLE;
+        else if (w.write_len < len) {
+            kind = VR_FILL_TOO_SMALL;
+            detail = w.write_len;
+        }
+        last = (uint16_t)(last + 1);
+        f->popped++;
+        if (kind == VR_CHAIN_OK) {
+            /* Every segment is writable (nread == 0) and was checked to lie wholly inside
+             * one region by the walk; write_len >= len, so the message fits. */
+            const uint8_t *src = data + pos;
+            uint64_t left = len;
+            for (uint64_t s = 0; s < w.nseg && left; s++) {
+                const uint64_t take = f->seg_len[s] < left ? f->seg_len[s] : left;
+                memcpy(ring->regions[f->seg_region[s]].base + f->seg_off[s], src, (size_t)take);
+                src += take;
+                left -= take;
+            }
+            used_len = (uint32_t)len;
+            pos += len;
+            m++;
+            f->written++;
+        } else {
+            if (f->nrefused < f->ref_cap) {
+                f->ref_head[f->nrefused] = head;
+                f->ref_kind[f->nrefused] = kind;
+                f->ref_detail[f->nrefused] = detail;
+                f->ref_msg[f->nrefused] = m;
+            }
+            f->nrefused++;
+            if (err == VR_CHAIN_HEAD_OUT_OF_RANGE)
+                continue; /* not a descriptor: nothing to give back */
+        }
+        uint8_t *elem = ring->used + 4 + 8 * (uint32_t)(idx & mask);
+        st32(elem, head);
+        /* virtio 1.2 §2.7.8.2: "the device MUST set len to the number of bytes it wrote" */
+        st32(elem + 4, used_len);
+        idx = (uint16_t)(idx + 1);
+        f->pushed++;
+    }
+    if (f->pushed)
+        /* virtio 1.2 §2.7.8.2: "The device MUST set len prior to updating the used idx." */
+        st16_release(ring->used + 2, idx);
+    f->last_avail = last;
+    f->used_idx = idx;
+    f->exhausted = status == VR_POP_DONE && i == pending && m < nmsgs;
+    return status;
+}
+
 /* -- used ring and notifications ------------------------------------------------------- */
 
 uint16_t vr_push_batch(const vr_ring *ring, uint16_t used_idx, const uint32_t *entries,

@@ -234,6 +234,56 @@ int64_t vr_split_headers(const uint8_t *data, uint64_t data_len, const int64_t *
                          const int64_t *lengths, uint64_t count, uint32_t hdr_size,
                          uint8_t *out);
 
+/*
+ * Fill rx chains with host messages (PythonQueue.fill_rx): message m (lens[m] bytes, the
+ * messages packed one after another in data) goes into the next available chain that
+ * can take it, from the start of its device-writable buffers.  A chain that cannot
+ * (an error, a device-readable buffer, writable bytes < lens[m]) is refused: recorded
+ * in the ref_* arrays (ref_msg = m) with ref_kind = its ChainError, VR_FILL_READABLE or
+ * VR_FILL_TOO_SMALL (ref_detail = its writable bytes), and given back with length 0
+ * unless its head is out of range; the message tries the next chain.
+ *
+ * Reads the avail idx once (acquire; VR_POP_AHEAD, nothing done, if more than size
+ * ahead of last_avail) and looks at no more chains than it showed, so at most size
+ * chains are refused: ref_cap must be at least the queue size.  The used elements are
+ * published with one release store of the used idx, also when the call returns
+ * VR_POP_NEED_SEGS: a chain without error had more segments than seg_cap (2 * size + 1
+ * always suffice); it was not taken, and the caller grows the arrays and fills the rest.
+ * exhausted is 1 when every chain shown was taken and messages are left.
+ */
+#define VR_FILL_READABLE 64
+#define VR_FILL_TOO_SMALL 65
+
+typedef struct vr_fill {
+    /* in */
+    uint32_t flags;      /* VR_F_INDIRECT */
+    uint32_t seg_cap;    /* capacity of the scratch segment arrays */
+    uint32_t ref_cap;    /* capacity of the refusal arrays */
+    uint32_t *seg_region;
+    uint64_t *seg_off;
+    uint32_t *seg_len;
+    uint8_t *seg_writable;
+    uint32_t *ref_head;
+    uint8_t *ref_kind;
+    uint64_t *ref_detail;
+    uint32_t *ref_msg;   /* which message the refused chain was tried for */
+    /* in/out */
+    uint16_t last_avail;
+    uint16_t used_idx;
+    /* out */
+    uint16_t avail_idx;  /* the avail idx read */
+    uint32_t pending;    /* (avail_idx - last_avail) mod 2^16 as read */
+    uint32_t written;    /* messages written */
+    uint32_t popped;     /* chains taken */
+    uint32_t nbad;       /* chains taken with an error */
+    uint32_t pushed;     /* used elements published */
+    uint32_t nrefused;
+    uint32_t exhausted;
+} vr_fill;
+
+int vr_fill_rx(const vr_ring *ring, vr_fill *f, const uint8_t *data, const uint64_t *lens,
+            uint32_t nmsgs);
+
 /* cffi:end */
 
 #endif /* VHOST_RPMSG_VRING_H */

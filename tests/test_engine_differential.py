@@ -46,6 +46,8 @@ from vhost_rpmsg.virtio.constants import (
 from vhost_rpmsg.virtio.engines import QueueFactory
 from vhost_rpmsg.virtio.memory import GuestMemory, RegionSpec
 from vhost_rpmsg.virtio.queue import (
+    RX_READABLE,
+    RX_TOO_SMALL,
     Chain,
     ChainError,
     Queue,
@@ -402,6 +404,8 @@ class Pair(Engines):
         self.raised: Counter[type[BaseException]] = Counter()  # exceptions both engines gave
         self.errors_seen: set[ChainError] = set()
         self.broke = False
+        self.filled = 0  # messages fill_rx wrote
+        self.refusals: set[int] = set()  # kinds of chain fill_rx refused
 
     def close(self) -> None:
         for m in self.mems:
@@ -467,12 +471,19 @@ class Pair(Engines):
         self.chains.extend(chains)
         self.errors_seen.update(c.error for c in chains)
 
+    def note_fill(self, res: tuple[Any, ...]) -> None:
+        if res[0] == "ok":
+            self.filled += res[1].written
+            self.refusals.update(k for _, k, _, _ in res[1].refused)
+        elif res[0] == "raise" and res[1] is QueueBroken:
+            self.broke = True
+
     def step(self) -> None:
         rng = self.rng
         op = rng.choices(
             ["pop", "popread", "popraw", "read", "write", "push", "notify", "kicks",
-             "publish", "features", "memory", "rebase"],
-            weights=[20, 8, 8, 14, 10, 12, 8, 5, 12, 3, 1, 2],
+             "publish", "features", "memory", "rebase", "fill"],
+            weights=[20, 8, 8, 14, 10, 12, 8, 5, 12, 3, 1, 2, 10],
         )[0]
         if op == "pop":
             n = rng.choice([1, 2, 3, 8, 64, self.size, self.size + 3, 0, -1, 1 << 40])
@@ -557,6 +568,12 @@ class Pair(Engines):
                 count = 0
             self.publish(count)
             self.check_state("publish")
+        elif op == "fill":  # rx: messages into whatever chains are there
+            count = rng.choice([0, 1, 2, 5, self.size, self.size + 4])
+            msgs = [rng.randbytes(rng.choice([0, 1, 16, 40, 64, 200, 600]))
+                    for _ in range(count)]
+            self.note_fill(self.both(f"fill_rx({[len(m) for m in msgs]})",
+                                     lambda q: q.fill_rx(msgs)))
         elif op == "features":
             attr = rng.choice(["event_idx", "indirect"])
             for q in self.queues:
@@ -639,6 +656,8 @@ def test_engines_agree_on_a_seed_sweep() -> None:
     broke = 0
     chains = 0
     raw = 0
+    filled = 0
+    refusals: set[int] = set()
     raised: Counter[type[BaseException]] = Counter()
     for seed in range(600):
         rng = random.Random(seed)
@@ -648,11 +667,16 @@ def test_engines_agree_on_a_seed_sweep() -> None:
         broke += p.broke
         chains += len(p.chains)
         raw += len(p.raw_heads)
+        filled += p.filled
+        refusals |= p.refusals
         raised += p.raised
     assert seen == set(ChainError), f"never produced: {set(ChainError) - seen}"
     assert broke > 0
     assert chains > 3000
     assert raw > 500
+    assert filled > 200
+    assert {RX_READABLE, RX_TOO_SMALL, int(ChainError.HEAD_OUT_OF_RANGE),
+            int(ChainError.LOOP)} <= refusals, refusals
     # copies through chains from before a memory change, negative offsets, bad push input
     assert raised[StaleChain] > 0 and raised[ValueError] > 0, raised
 
@@ -945,6 +969,56 @@ def test_pop_raw_batch_identically(limit: int) -> None:
     assert res[1] == RawBatch.empty() and res[1].count == 0
     duo.both(lambda q: q.push_used(rb.returnable_heads(), 0))
     assert duo.drivers[0].get_used() == duo.drivers[1].get_used()
+    duo.close()
+
+
+def _fill_rx_mix(d: DriverRing, m: Mem) -> None:
+    """rx chains: good, device-readable, too small, bad address, bad head, split, good."""
+    d.add([(BUF, 64, WRITE)])
+    d.add([(BUF + 256, 64, 0)])  # device-readable: refused
+    d.add([(BUF + 512, 4, WRITE)])  # too small for what comes next
+    d.add([(1 << 40, 64, WRITE)])  # ADDR_OUT_OF_BOUNDS
+    d.add_raw(d.layout.size + 3)  # HEAD_OUT_OF_RANGE: refused, never given back
+    d.add([(BUF + 768, 3, WRITE), (BUF + 1024, 61, WRITE)])  # split over two buffers
+    d.add([(BUF + 1280, 64, WRITE)])
+    d.publish()
+
+
+@needs_cffi
+def test_fill_rx_identically() -> None:
+    """What each chain of the mix gets, the refusals in ring order, and what is left."""
+    duo = Duo(size=16)
+    duo.each(_fill_rx_mix)
+    msgs = [b"a" * 10, b"b" * 20, b"", b"d" * 40]
+    res = duo.both(lambda q: q.fill_rx(msgs))
+    assert res[0] == "ok"
+    filled = res[1]
+    E = ChainError
+    assert filled.written == 3 and filled.exhausted  # no chain left for the fourth
+    assert [(k, detail, m) for _, k, detail, m in filled.refused] == [
+        (RX_READABLE, 0, 1), (RX_TOO_SMALL, 4, 1), (int(E.ADDR_OUT_OF_BOUNDS), 0, 1),
+        (int(E.HEAD_OUT_OF_RANGE), 0, 1)]
+    m = duo.mems[0]
+    assert m.gm.read_gpa(BUF, 10) == msgs[0]
+    assert m.gm.read_gpa(BUF + 768, 3) + m.gm.read_gpa(BUF + 1024, 17) == msgs[1]
+    # the empty message took the last chain; the refused ones went back with length 0
+    lengths = [n for _, n in duo.drivers[0].get_used()]
+    assert lengths == [10, 0, 0, 0, 20, 0]
+    stats = duo.queues[1].state.stats
+    assert (stats.popped, stats.bad_chains, stats.pushed) == (7, 2, 6)
+    # nothing new in the ring: the fourth still finds no chain
+    res = duo.both(lambda q: q.fill_rx(msgs[3:]))
+    assert res[1].written == 0 and res[1].exhausted and not res[1].refused
+    duo.close()
+
+
+@needs_cffi
+def test_fill_rx_queue_broken_identically() -> None:
+    duo = Duo(size=8)
+    for d in duo.drivers:
+        d.avail[1] = 9  # nine ahead of a ring of eight
+    py = duo.both(lambda q: q.fill_rx([b"x"]))
+    assert py[0] == "raise" and py[1] is QueueBroken
     duo.close()
 
 

@@ -28,7 +28,7 @@ from ..rpmsg import codec as rp
 from ..rpmsg.batch import MessageBatch
 from ..rpmsg.ratelimit import RateLimitedLog
 from .base import Endpoint
-from .peer import PEER_QUEUE_LIMIT, SeqpacketPeer
+from .peer import PEER_QUEUE_LIMIT, SeqpacketPeer, send_all
 
 log = logging.getLogger(__name__)
 _rl = RateLimitedLog(log)
@@ -78,14 +78,19 @@ class FdEndpoint(Endpoint):
 
     # -- process → guest --------------------------------------------------------------
 
-    async def _from_process(self, data: bytes) -> None:
+    async def _from_process(self, datagrams: list[bytes]) -> None:
         assert self.port is not None
+        await send_all(self.port, [m for m in map(self._message, datagrams) if m is not None])
+
+    def _message(self, data: bytes) -> tuple[int, bytes] | None:
+        """The (guest address, payload) a datagram asks for; None (counted, logged) if
+        it cannot be sent."""
         if self.addressed:
             if len(data) < ADDR_HEADER:
                 self.stats["bad_datagrams"] += 1
                 _rl.error(f"short{self.addr}", "%s: datagram of %d bytes has no address "
                           "header; refused", self.describe(), len(data))
-                return
+                return None
             (dst,) = _ADDR.unpack_from(data)
             data = data[ADDR_HEADER:]
         else:
@@ -95,14 +100,14 @@ class FdEndpoint(Endpoint):
                 _rl.error(f"nodst{self.addr}", "%s: no guest address to send to yet (open "
                           "with --dst, or let the guest write first); datagram refused",
                           self.describe())
-                return
+                return None
         if len(data) > rp.MAX_PAYLOAD or not 0 <= dst < rp.ADDR_ANY:
             self.stats["bad_datagrams"] += 1
             _rl.error(f"big{self.addr}", "%s: datagram of %d bytes to %d refused (at most "
                       "%d bytes, to an address below 0x%x)", self.describe(), len(data),
                       dst, rp.MAX_PAYLOAD, rp.ADDR_ANY)
-            return
-        await self.port.asend(dst, data)
+            return None
+        return dst, data
 
     # -- lifetime ---------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ What it guarantees, whatever the process does:
   waits in a bounded queue, written when the socket is writable again;
 * a process that stops reading costs only its own messages: past the bound they are
   dropped, counted (``dropped_slow_reader``) and logged, rate-limited;
-* guest messages it writes reach the device through ``asend``, which waits for room
-  in the outbox: a guest that does not read slows the writer (its socket fills), it
-  does not lose its datagrams.
+* what it writes reaches the device through :func:`send_all`: the datagrams waiting
+  go in one ``send_many``, or one by one through ``asend``, which waits for room in
+  the outbox: a guest that does not read slows the writer (its socket fills), it does
+  not lose its datagrams.
 """
 
 from __future__ import annotations
@@ -23,11 +24,26 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 
 from ..rpmsg.ratelimit import RateLimitedLog
+from .base import Port
 
 #: messages waiting for a process that does not read, per peer, before drops start
 PEER_QUEUE_LIMIT = 1024
 #: the largest datagram read from a process (a payload and an address header fit)
 MAX_DATAGRAM = 65536
+#: datagrams read from a process per wake-up, at most (then other peers get a turn)
+READ_BURST = 64
+
+
+async def send_all(port: Port, messages: list[tuple[int, bytes]]) -> None:
+    """Send ``messages`` in order: one send_many where the outbox has room for all,
+    else one by one, waiting for room."""
+    if not messages:
+        return
+    try:
+        port.send_many(messages)
+    except BlockingIOError:  # all or nothing: none of them went
+        for dst, data in messages:
+            await port.asend(dst, data)
 
 
 def closed(sock: socket.socket) -> bool:
@@ -107,24 +123,39 @@ class SeqpacketPeer:
 
     # -- from the process -----------------------------------------------------------
 
-    def start(self, on_datagram: Callable[[bytes], Awaitable[None]],
+    def start(self, on_datagrams: Callable[[list[bytes]], Awaitable[None]],
               on_closed: Callable[[str], None]) -> None:
-        """Read datagrams in a task of the running loop until the process goes."""
+        """Read datagrams in a task of the running loop until the process goes; what is
+        waiting is handed over together (up to READ_BURST), for one send_many."""
         self._task = asyncio.get_running_loop().create_task(
-            self._read(on_datagram, on_closed))
+            self._read(on_datagrams, on_closed))
 
-    async def _read(self, on_datagram: Callable[[bytes], Awaitable[None]],
+    async def _read(self, on_datagrams: Callable[[list[bytes]], Awaitable[None]],
                     on_closed: Callable[[str], None]) -> None:
         loop = asyncio.get_running_loop()
         why = "closed"
+        sock = self.sock
         try:
             while True:
-                data = await loop.sock_recv(self.sock, MAX_DATAGRAM)
-                if not data and closed(self.sock):
+                data = await loop.sock_recv(sock, MAX_DATAGRAM)
+                if not data and closed(sock):
                     break
-                self.stats["from_process"] += 1
-                self.stats["from_process_bytes"] += len(data)
-                await on_datagram(data)
+                batch = [data]
+                gone = False
+                while len(batch) < READ_BURST:
+                    try:
+                        data = sock.recv(MAX_DATAGRAM)  # non-blocking
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    if not data and closed(sock):
+                        gone = True
+                        break
+                    batch.append(data)
+                self.stats["from_process"] += len(batch)
+                self.stats["from_process_bytes"] += sum(map(len, batch))
+                await on_datagrams(batch)
+                if gone:
+                    break
         except OSError as e:
             why = str(e)
         on_closed(why)

@@ -22,7 +22,7 @@ from ..rpmsg.codec import MAX_PAYLOAD
 from ..rpmsg.ratelimit import RateLimitedLog
 from ..vhost_user.server import UnixListener, listen_unix, parse_mode
 from .base import Endpoint, Port
-from .peer import SeqpacketPeer
+from .peer import SeqpacketPeer, send_all
 
 log = logging.getLogger(__name__)
 _rl = RateLimitedLog(log)
@@ -94,21 +94,25 @@ class UnixBridge(Endpoint):
         for key in ("to_process", "dropped_slow_reader", "from_process"):
             self.stats[key] += peer.stats[key]
 
-    async def _from_client(self, data: bytes) -> None:
+    async def _from_client(self, datagrams: list[bytes]) -> None:
         assert self.port is not None
+        messages = [m for m in map(self._message, datagrams) if m is not None]
+        await send_all(self.port, messages)
+        self.stats["from_clients"] += len(messages)
+
+    def _message(self, data: bytes) -> tuple[int, bytes] | None:
         dst = self.dst if self.dst is not None else self._last_src
         if dst is None:
             self.stats["no_dst"] += 1
             _rl.error(f"nodst{self.addr}", "%s: no guest address to send to yet (give "
                       "dst=); datagram of %d bytes refused", self.describe(), len(data))
-            return
+            return None
         if len(data) > MAX_PAYLOAD:
             self.stats["too_large"] += 1
             _rl.error(f"big{self.addr}", "%s: datagram of %d bytes exceeds %d; refused",
                       self.describe(), len(data), MAX_PAYLOAD)
-            return
-        await self.port.asend(dst, data)
-        self.stats["from_clients"] += 1
+            return None
+        return dst, data
 
     def on_message(self, src: int, data: bytes) -> None:
         self._last_src = src

@@ -7,10 +7,11 @@ back-pressure does the rest), and senders hear WouldBlock.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, deque
 from collections.abc import Iterable
 
-from ..virtio.queue import Chain, Queue
+from ..virtio.queue import RX_READABLE, RX_TOO_SMALL, Chain, ChainError, Queue
 from .ratelimit import RateLimitedLog
 
 BATCH = 256  # rx chains taken at a time: at most a whole ring
@@ -73,37 +74,42 @@ class Outbox:
     def fill(self, q: Queue) -> int:
         """Move what fits into the rx ring's free buffers, in order; the messages written.
 
+        One ``Queue.fill_rx`` per up to BATCH messages (one C call on the cffi engine).
         The caller holds the queue lock and notifies the guest afterwards.
         """
         out = self._q
         wrote = 0
         while out:
-            chains = q.pop_batch(min(len(out), BATCH))
-            if not chains:
-                if q.enable_kicks():
-                    continue
+            batch = list(itertools.islice(out, BATCH))
+            done = q.fill_rx(batch)
+            for head, kind, detail, m in done.refused:
+                self._refused(head, kind, detail, len(batch[m]))
+            if done.written:
+                # Counted before the guest can see them (it reads the used idx only after
+                # our notification), so the count never lags behind.
+                self._stats["to_guest_messages"] += done.written
+                wrote += done.written
+                for _ in range(done.written):
+                    out.popleft()
+            elif not done.refused:  # no chain at all
+                if done.exhausted and q.enable_kicks():
+                    continue  # buffers raced in
                 break
-            used = []
-            written = 0
-            for k, c in enumerate(chains):
-                if not out:
-                    # A bad chain in the batch left good ones over: they stay in the
-                    # ring for the next message (never returned empty).
-                    q.unpop(len(chains) - k)
-                    break
-                n = self.write(q, c, out[0])
-                if n is None:
-                    if c.returnable:
-                        used.append((c.head, 0))
-                    continue
-                out.popleft()
-                used.append((c.head, n))
-                written += 1
-            # Counted before the guest can see them, so the count never lags behind.
-            self._stats["to_guest_messages"] += written
-            wrote += written
-            q.push_batch(used)
         return wrote
+
+    def _refused(self, head: int, kind: int, detail: int, size: int) -> None:
+        """Count and log (rate-limited) an rx chain ``fill_rx`` gave back empty."""
+        if kind == RX_TOO_SMALL:
+            self._stats["rx_buffer_too_small"] += 1
+            self._rl.error("rxsmall", "to_guest: rx buffer of %d bytes cannot hold a %d-byte "
+                           "message; returned empty", detail, size)
+        elif kind == RX_READABLE:
+            self._stats["bad_chains"] += 1
+            self._rl.error("rxdir", "to_guest: chain %d has device-readable buffers", head)
+        else:
+            self._stats["bad_chains"] += 1
+            self._rl.error("rxchain", "to_guest: bad descriptor chain at head %d: %s",
+                           head, ChainError(kind).name)
 
     def write(self, q: Queue, c: Chain, msg: bytes) -> int | None:
         """Copy ``msg`` into rx chain ``c``; None (counted, logged) if it cannot take it."""

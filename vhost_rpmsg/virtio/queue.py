@@ -261,6 +261,25 @@ def used_length(length: Any) -> int:
     return n
 
 
+#: kinds of refusal in :attr:`Filled.refused` beyond the ChainError values (cext/vring.h)
+RX_READABLE = 64  # the chain has device-readable buffers
+RX_TOO_SMALL = 65  # its device-writable bytes cannot hold the message
+
+
+@dataclass(frozen=True, slots=True)
+class Filled:
+    """What :meth:`Queue.fill_rx` did."""
+
+    #: messages written: the first ``written`` of those given
+    written: int
+    #: chains refused, in ring order: (head, ChainError value or RX_*, writable bytes
+    #: for RX_TOO_SMALL else 0, index of the message it was tried for); each was given
+    #: back empty unless its head is out of range
+    refused: list[tuple[int, int, int, int]]
+    #: every available chain was taken and messages are left (re-arm the guest's kicks)
+    exhausted: bool
+
+
 @dataclass
 class QueueStats:
     popped: int = 0
@@ -439,6 +458,15 @@ class Queue(Protocol):
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on the next buffer; True if buffers raced in meanwhile."""
+        ...
+
+    def fill_rx(self, messages: Sequence[bytes]) -> Filled:
+        """Write ``messages`` in order, one per available chain, and publish them.
+
+        A chain that cannot take its message (an error, a device-readable buffer, too few
+        writable bytes) is refused and given back empty, and the message tries the next
+        one.  Looks at no more chains than one read of the avail idx shows.
+        """
         ...
 
     def read_chain(self, chain: Chain, limit: int | None = None, offset: int = 0) -> bytes:

@@ -46,6 +46,7 @@ from .queue import (
     U32_MAX,
     Chain,
     ChainError,
+    Filled,
     QueueBroken,
     QueueState,
     RawBatch,
@@ -218,6 +219,34 @@ class _Raw:
         self.data_view = ffi.buffer(a)
 
 
+class _Fill:
+    """Reusable arrays of vr_fill_rx for one queue size (used under the queue lock only):
+    room for the segments of any chain (2 * size + 1) and a refusal per chain shown."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.f = ffi.new("vr_fill *")
+        self.keep: dict[str, Any] = {}
+        self.grow_segs(2 * size + 1)
+        f = self.f
+        for name, ctype in (("ref_head", "uint32_t"), ("ref_kind", "uint8_t"),
+                            ("ref_detail", "uint64_t"), ("ref_msg", "uint32_t")):
+            a = ffi.new(f"{ctype}[]", size)
+            self.keep[name] = a
+            setattr(f, name, a)
+        f.ref_cap = size
+
+    def grow_segs(self, n: int) -> None:
+        for name, ctype in (
+            ("seg_region", "uint32_t"), ("seg_off", "uint64_t"), ("seg_len", "uint32_t"),
+            ("seg_writable", "uint8_t"),
+        ):
+            a = ffi.new(f"{ctype}[]", n)
+            self.keep[name] = a
+            setattr(self.f, name, a)
+        self.f.seg_cap = n
+
+
 _U32 = np.dtype(np.uint32)
 _U8 = np.dtype(np.uint8)
 _BOOL = np.dtype(np.bool_)
@@ -253,6 +282,7 @@ class CffiQueue:
         self.reference = PythonQueue(state)  # for what only the Python engine may do
         self._batch: _Batch | None = None
         self._raw: _Raw | None = None
+        self._fill: _Fill | None = None
 
     def _current(self) -> _State | None:
         """The snapshot to hand C, or None where only the Python engine may act."""
@@ -494,6 +524,44 @@ class CffiQueue:
             return self.reference.enable_kicks()
         return bool(lib.vr_enable_kicks(st.ring, self.state.last_avail_idx,
                                         1 if self.state.event_idx else 0))
+
+    def fill_rx(self, messages: Sequence[bytes]) -> Filled:
+        """Write ``messages`` in order, one per available chain, and publish them: one C
+        call (walks, copies, used elements, one used idx store) for the whole batch."""
+        st = self._current()
+        if st is None:
+            return self.reference.fill_rx(messages)
+        try:
+            data = ffi.from_buffer("uint8_t[]", b"".join(messages))
+            lens = ffi.new("uint64_t[]", [len(m) for m in messages])
+        except TypeError:  # not all bytes-like: whatever the Python engine makes of them
+            return self.reference.fill_rx(messages)
+        n = len(messages)
+        with self.state.lock:
+            fb = self._fill
+            if fb is None or fb.size != st.size:
+                fb = self._fill = _Fill(st.size)
+            f = fb.f
+            f.flags = lib.VR_F_INDIRECT if self.state.indirect else 0
+            f.last_avail = self.state.last_avail_idx
+            f.used_idx = self.state.used_idx
+            status = lib.vr_fill_rx(st.ring, f, data, lens, n)
+            if status == lib.VR_POP_AHEAD:
+                raise QueueBroken(f"avail idx {f.avail_idx} is {f.pending} ahead of "
+                                  f"{self.state.last_avail_idx}")
+            if status != lib.VR_POP_DONE:  # more segments than 2 * size + 1: not reached
+                raise AssertionError(f"vr_fill_rx returned {status}")
+            self.state.last_avail_idx = f.last_avail
+            self.state.used_idx = f.used_idx
+            stats = self.state.stats
+            stats.popped += f.popped
+            stats.bad_chains += f.nbad
+            stats.pushed += f.pushed
+            k = f.nrefused
+            refused = (list(zip(ffi.unpack(f.ref_head, k), ffi.unpack(f.ref_kind, k),
+                                ffi.unpack(f.ref_detail, k), ffi.unpack(f.ref_msg, k),
+                                strict=True)) if k else [])
+            return Filled(f.written, refused, bool(f.exhausted))
 
     # -- payload copies ------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 import threading
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -27,8 +28,11 @@ from .constants import (
 )
 from .memory import BadAddress, GuestMemory
 from .queue import (
+    RX_READABLE,
+    RX_TOO_SMALL,
     Chain,
     ChainError,
+    Filled,
     QueueBroken,
     QueueState,
     RawBatch,
@@ -366,6 +370,37 @@ class PythonQueue:
             offset = 0
             want -= take
         return b"".join(parts)
+
+    def fill_rx(self, messages: Sequence[bytes]) -> Filled:
+        """Write ``messages`` in order, one per available chain, and publish them
+        (:meth:`Queue.fill_rx`): the reference of cext/vring.c's ``vr_fill_rx``."""
+        n = len(messages)
+        shown = self.pending()  # one look: no more chains than it shows
+        taken = written = 0
+        refused: list[tuple[int, int, int, int]] = []
+        used: list[tuple[int, int]] = []
+        while written < n and taken < shown:
+            chains = self.pop_batch(1)
+            if not chains:
+                break
+            c = chains[0]
+            taken += 1
+            msg = messages[written]
+            if not c.ok:
+                refused.append((c.head, int(c.error), 0, written))
+            elif c.readable:
+                # §2.7.5.1: "A device MUST NOT write to a device-readable buffer"
+                refused.append((c.head, RX_READABLE, 0, written))
+            elif c.write_len < len(msg):
+                refused.append((c.head, RX_TOO_SMALL, c.write_len, written))
+            else:
+                used.append((c.head, self.write_chain(c, msg)))
+                written += 1
+                continue
+            if c.returnable:
+                used.append((c.head, 0))
+        self.push_batch(used)
+        return Filled(written, refused, written < n and taken == shown)
 
     def write_chain(self, chain: Chain, data: bytes | bytearray | memoryview,
                     offset: int = 0) -> int:

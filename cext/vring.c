@@ -375,12 +375,18 @@ int vr_fill_rx(const vr_ring *ring, vr_fill *f, const uint8_t *data, const uint6
             if (err == VR_CHAIN_HEAD_OUT_OF_RANGE)
                 continue; /* not a descriptor: nothing to give back */
         }
-        uint8_t *elem = ring->used + 4 + 8 * (uint32_t)(idx & mask);
-        st32(elem, head);
-        /* virtio 1.2 §2.7.8.2: "the device MUST set len to the number of bytes it wrote" */
-        st32(elem + 4, used_len);
-        idx = (uint16_t)(idx + 1);
+        /* Kept until every copy is done: a guest buffer may overlap the used ring, and
+         * the Python engine writes the used elements after all its copies too. */
+        f->used_ent[2 * f->pushed] = head;
+        f->used_ent[2 * f->pushed + 1] = used_len;
         f->pushed++;
+    }
+    for (uint32_t k = 0; k < f->pushed; k++) {
+        uint8_t *elem = ring->used + 4 + 8 * (uint32_t)(idx & mask);
+        st32(elem, f->used_ent[2 * k]);
+        /* virtio 1.2 §2.7.8.2: "the device MUST set len to the number of bytes it wrote" */
+        st32(elem + 4, f->used_ent[2 * k + 1]);
+        idx = (uint16_t)(idx + 1);
     }
     if (f->pushed)
         /* virtio 1.2 §2.7.8.2: "The device MUST set len prior to updating the used idx." */

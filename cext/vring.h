@@ -246,7 +246,8 @@ int64_t vr_split_headers(const uint8_t *data, uint64_t data_len, const int64_t *
  * Reads the avail idx once (acquire; VR_POP_AHEAD, nothing done, if more than size
  * ahead of last_avail) and looks at no more chains than it showed, so at most size
  * chains are refused: ref_cap must be at least the queue size.  The used elements are
- * published with one release store of the used idx, also when the call returns
+ * written after every copy (a buffer may overlap the used ring) and published with one
+ * release store of the used idx, also when the call returns
  * VR_POP_NEED_SEGS: a chain without error had more segments than seg_cap (2 * size + 1
  * always suffice); it was not taken, and the caller grows the arrays and fills the rest.
  * exhausted is 1 when every chain shown was taken and messages are left.
@@ -267,6 +268,7 @@ typedef struct vr_fill {
     uint8_t *ref_kind;
     uint64_t *ref_detail;
     uint32_t *ref_msg;   /* which message the refused chain was tried for */
+    uint32_t *used_ent;  /* scratch: 2 * ref_cap (head, len) pairs, written at the end */
     /* in/out */
     uint16_t last_avail;
     uint16_t used_idx;

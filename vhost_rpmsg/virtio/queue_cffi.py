@@ -234,6 +234,7 @@ class _Fill:
             a = ffi.new(f"{ctype}[]", size)
             self.keep[name] = a
             setattr(f, name, a)
+        self.keep["used_ent"] = f.used_ent = ffi.new("uint32_t[]", 2 * size)
         f.ref_cap = size
 
     def grow_segs(self, n: int) -> None:

@@ -375,15 +375,24 @@ class PythonQueue:
         """Write ``messages`` in order, one per available chain, and publish them
         (:meth:`Queue.fill_rx`): the reference of cext/vring.c's ``vr_fill_rx``."""
         n = len(messages)
-        shown = self.pending()  # one look: no more chains than it shows
+        shown = self.pending()  # one look at the avail idx: no more chains than it shows
         taken = written = 0
         refused: list[tuple[int, int, int, int]] = []
         used: list[tuple[int, int]] = []
+        if shown:
+            full_fence()  # read ring entries only after the avail idx that covers them
+        state = self.state
+        avail, size, mem = state.avail, state.size, state.mem
+        assert mem is not None
+        generation = mem.generation
+        # Chain by chain, each walked after the copies before it (a guest buffer may
+        # overlap the ring), the used elements written after all of them: as vr_fill_rx.
         while written < n and taken < shown:
-            chains = self.pop_batch(1)
-            if not chains:
-                break
-            c = chains[0]
+            c = self._walk(int(avail[2 + (state.last_avail_idx % size)]), generation)
+            state.last_avail_idx = (state.last_avail_idx + 1) & 0xFFFF
+            state.stats.popped += 1
+            if not c.ok:
+                state.stats.bad_chains += 1
             taken += 1
             msg = messages[written]
             if not c.ok:

@@ -51,6 +51,7 @@ typedef struct {
     uint64_t nseg; /* segments found; stored only while they fit */
     uint32_t nread, nwrite;
     uint64_t read_len, write_len;
+    uint64_t reads; /* descriptors read, indirect ones included */
 } walk_result;
 
 /* Where a walk records segments: the segment arrays of a vr_batch or a vr_raw. */
@@ -97,6 +98,7 @@ static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, const s
          * "this implies that loops in the descriptor chain are forbidden!" */
         if (++seen > limit)
             return VR_CHAIN_LOOP;
+        w->reads++;
         const uint8_t *d = table + DESC_SIZE * idx; /* idx < limit: inside the table */
         const uint64_t addr = ld64(d);
         const uint64_t word = ld64(d + 8);
@@ -182,9 +184,12 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
     uint32_t n;
     uint16_t last = b->last_avail;
 
+    const uint64_t budget = (uint64_t)VR_WALK_BUDGET * ring->size;
+
     b->nchains = b->nsegs = b->nbad = 0;
     b->need = 0;
     if (!(b->flags & VR_F_CONTINUE)) {
+        b->reads = 0;
         /* The acquire orders every later read of ring entries and descriptors after it. */
         const uint16_t avail_idx = ld16_acquire(ring->avail + 2);
         const uint32_t pending = (uint16_t)(avail_idx - last);
@@ -202,14 +207,19 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
 
     for (uint32_t i = 0; i < n; i++) {
         walk_result w;
+        if (b->reads >= budget) {
+            b->total -= n - i; /* left for the next batch */
+            break;
+        }
         const uint32_t head = ld16(ring->avail + 4 + 2 * (last & mask));
         const uint64_t s0 = b->nsegs;
         const uint8_t err = walk(ring, indirect_ok, head, &sink, s0, &w);
 
         if (w.nseg > (uint64_t)b->seg_cap - s0) {
             b->need = w.nseg;
-            return VR_POP_NEED_SEGS;
+            return VR_POP_NEED_SEGS; /* walked again, and counted then */
         }
+        b->reads += w.reads;
         b->heads[i] = head;
         b->errors[i] = err;
         b->seg_start[i] = (uint32_t)s0;
@@ -249,6 +259,7 @@ int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
         r->has_writable = r->errors + cap;
         r->nchains = r->nbad = r->nwritable = r->nhead_bad = 0;
         r->data_used = 0;
+        r->reads = 0;
         r->total = 0;
 
         const uint16_t avail_idx = ld16_acquire(ring->avail + 2);
@@ -266,6 +277,10 @@ int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
     used = r->data_used;
     for (uint32_t i = r->nchains; i < r->total; i++) {
         walk_result w;
+        if (r->reads >= (uint64_t)VR_WALK_BUDGET * ring->size) {
+            r->total = i; /* the rest are left for the next batch */
+            break;
+        }
         const uint32_t head = ld16(ring->avail + 4 + 2 * (last & mask));
         const uint8_t err = walk(ring, indirect_ok, head, &sink, 0, &w);
         uint64_t want = 0;
@@ -289,6 +304,7 @@ int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
             r->nbad++;
             r->nhead_bad += err == VR_CHAIN_HEAD_OUT_OF_RANGE;
         }
+        r->reads += w.reads; /* taken: a chain that stopped the call is walked again */
         r->heads[i] = head;
         r->errors[i] = err;
         r->has_writable[i] = writable;
@@ -318,6 +334,7 @@ int vr_fill_rx(const vr_ring *ring, vr_fill *f, const uint8_t *data, const uint6
     int status = VR_POP_DONE;
 
     f->written = f->popped = f->nbad = f->pushed = f->nrefused = f->exhausted = 0;
+    f->reads = 0;
     const uint16_t avail_idx = ld16_acquire(ring->avail + 2);
     const uint32_t pending = (uint16_t)(avail_idx - last);
     f->avail_idx = avail_idx;
@@ -328,6 +345,8 @@ int vr_fill_rx(const vr_ring *ring, vr_fill *f, const uint8_t *data, const uint6
         return VR_POP_AHEAD;
     for (i = 0; i < pending && m < nmsgs; i++) {
         walk_result w;
+        if (f->reads >= (uint64_t)VR_WALK_BUDGET * ring->size)
+            break; /* the rest wait for the next call; not exhausted */
         const uint32_t head = ld16(ring->avail + 4 + 2 * (last & mask));
         const uint8_t err = walk(ring, indirect_ok, head, &sink, 0, &w);
         const uint64_t len = lens[m];
@@ -339,6 +358,7 @@ int vr_fill_rx(const vr_ring *ring, vr_fill *f, const uint8_t *data, const uint6
             status = VR_POP_NEED_SEGS;
             break;
         }
+        f->reads += w.reads;
         if (err != VR_CHAIN_OK)
             f->nbad++;
         else if (w.nread)

@@ -47,6 +47,16 @@
 #define VR_POP_NEED_DATA 2  /* stopped before a chain whose payload does not fit: see need */
 #define VR_POP_AHEAD     -1 /* avail idx is more than size ahead: the queue is broken */
 
+/*
+ * Descriptor reads one call of vr_pop_batch / vr_pop_raw / vr_fill_rx may start, in units
+ * of the queue size (PythonQueue's WALK_BUDGET).  A chain is walked only while fewer
+ * have been read in the call (a VR_F_CONTINUE call goes on counting); the rest wait for
+ * the next call.  A well-formed batch of direct chains reads at most size descriptors,
+ * but a chain that loops reads size (and an indirect table size more) before it is
+ * refused: without a bound, a ring of them costs size^2 reads in one call.
+ */
+#define VR_WALK_BUDGET 4
+
 /* vr_gather() / vr_scatter() result when a segment fails the bounds re-check */
 #define VR_COPY_BAD_SEGMENT -1
 
@@ -85,8 +95,10 @@ typedef struct vr_batch {
     /* out */
     uint16_t avail_idx; /* the avail idx read (not with VR_F_CONTINUE) */
     uint32_t pending;   /* (avail_idx - last_avail) mod 2^16 as read */
-    uint32_t total;     /* chains in this batch: min(pending, max_chains) */
+    uint32_t total;     /* chains in this batch: min(pending, max_chains), less the ones
+                           the walk budget left for the next batch */
     uint32_t nchains;   /* chains popped by this call */
+    uint64_t reads;     /* descriptors read in this batch (kept across VR_F_CONTINUE) */
     uint32_t nsegs;
     uint32_t nbad;      /* chains with an error among them */
     uint64_t need;      /* NEED_SEGS: segments of the chain that did not fit */
@@ -147,10 +159,12 @@ typedef struct vr_raw {
     uint32_t nwritable;  /* chains with has_writable set */
     uint32_t nhead_bad;  /* chains with VR_CHAIN_HEAD_OUT_OF_RANGE (cannot be returned) */
     uint64_t data_used;  /* bytes of data filled */
+    uint64_t reads;      /* descriptors read in this batch */
     /* out */
     uint16_t avail_idx;  /* the avail idx read (not with VR_F_CONTINUE) */
     uint32_t pending;    /* (avail_idx - last_avail) mod 2^16 as read */
-    uint32_t total;      /* chains in this batch: min(pending, max_chains) */
+    uint32_t total;      /* chains in this batch: min(pending, max_chains), less the ones
+                            the walk budget left for the next batch */
     uint64_t need;       /* NEED_SEGS: readable segments of the chain; NEED_DATA: data
                             bytes needed in all */
     /* the per-chain arrays, in the block */
@@ -250,7 +264,8 @@ int64_t vr_split_headers(const uint8_t *data, uint64_t data_len, const int64_t *
  * release store of the used idx, also when the call returns
  * VR_POP_NEED_SEGS: a chain without error had more segments than seg_cap (2 * size + 1
  * always suffice); it was not taken, and the caller grows the arrays and fills the rest.
- * exhausted is 1 when every chain shown was taken and messages are left.
+ * exhausted is 1 when every chain shown was taken and messages are left (not when the
+ * walk budget stopped the call first).
  */
 #define VR_FILL_READABLE 64
 #define VR_FILL_TOO_SMALL 65
@@ -281,6 +296,7 @@ typedef struct vr_fill {
     uint32_t pushed;     /* used elements published */
     uint32_t nrefused;
     uint32_t exhausted;
+    uint64_t reads;      /* descriptors read */
 } vr_fill;
 
 int vr_fill_rx(const vr_ring *ring, vr_fill *f, const uint8_t *data, const uint64_t *lens,

@@ -22,7 +22,8 @@ from vhost_rpmsg.guest.frontend import Frontend, FrontendError, GuestRam
 from vhost_rpmsg.guest.rpmsg_guest import GuestTimeout, SimGuest
 from vhost_rpmsg.rpmsg import codec as rp
 from vhost_rpmsg.rpmsg.batch import MessageBatch
-from vhost_rpmsg.rpmsg.device import RpmsgDevice
+from vhost_rpmsg.rpmsg.device import DRAIN_BUDGET, RpmsgDevice
+from vhost_rpmsg.rpmsg.outbox import FILL_CALLS
 from vhost_rpmsg.rpmsg.ratelimit import RateLimitedLog
 from vhost_rpmsg.rpmsg.sessions import MAX_GUEST_SERVICES
 from vhost_rpmsg.vhost_user import codec
@@ -34,6 +35,8 @@ from vhost_rpmsg.virtio.constants import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 )
+from vhost_rpmsg.virtio.engines import available_engines, queue_factory
+from vhost_rpmsg.virtio.queue import WALK_BUDGET
 
 from .conftest import Running, Serve
 from .helpers import serving, wait_until
@@ -619,6 +622,81 @@ def test_a_guest_refilling_as_fast_as_we_drain_cannot_hold_the_loop(serve: Serve
         # a few batches, not all of them (DRAIN_BUDGET is 8 today)
         assert seen and seen[0] <= 16
         assert r.device.stats["to_host_yields"] >= refills // 16
+
+
+@pytest.mark.parametrize("engine", available_engines())
+def test_a_tx_ring_of_looping_chains_is_walked_a_bounded_amount_per_turn(
+        serve: Serve, engine: str) -> None:
+    """Fuzz finding F2: every descriptor chains to the next and the last to the first, and
+    every one is a head, so each of the 256 chains reads the whole table before it is
+    refused: 256^2 reads, which one pop used to do in one go (3.8 s with the Python
+    engine).  A pop now stops at WALK_BUDGET queue sizes of reads, the drain yields after
+    DRAIN_BUDGET pops, and every chain still comes back, counted as bad."""
+    r = serve([Echo(1024)], queue_factory=queue_factory(engine))
+    with r.guest(queue_size=256) as g:
+        assert g.ram is not None
+        ring = g.rings[1]
+        n = ring.size
+        scratch = g.ram.alloc(4096, 4096)
+        with g._tx_lock:
+            for i in range(n):
+                ring.write_desc(i, scratch, 16, VRING_DESC_F_NEXT, (i + 1) % n)
+                ring.avail[2 + i] = i
+            ring.avail[1] = n
+        g.kick_queue(1)
+        stats = r.device.stats
+        wait_until(lambda: int(ring.used16[1]) == n, timeout=60)
+        assert stats["bad_chains"] == n and stats["to_host_messages"] == 0
+        # 256 chains of 256 reads at 4 x 256 reads a pop: 64 pops, 8 a turn
+        assert stats["to_host_yields"] >= n // (WALK_BUDGET * DRAIN_BUDGET) - 1
+    with r.guest() as g2:  # the server still serves
+        g2.open(3003)
+        g2.send(3003, 1024, b"after")
+        assert g2.recv(3003) == (1024, b"after")
+
+
+@pytest.mark.parametrize("engine", available_engines())
+def test_an_rx_ring_of_looping_chains_is_refused_a_bounded_amount_per_turn(
+        serve: Serve, engine: str) -> None:
+    """F2 on the rx side: a flush fills at most FILL_CALLS times per turn of the loop and
+    comes back for the rest; the message waits in the outbox, is never lost, and reaches
+    the guest once it posts good buffers."""
+    r = serve([Echo(1024)], queue_factory=queue_factory(engine))
+    dev = r.device
+    with r.guest(queue_size=64) as g:
+        assert g.ram is not None
+        ring = g.rings[0]
+        n = ring.size
+        g.open(3004)
+        g.repost_rx = False  # the guest takes its rx buffers out of circulation
+        for i in range(n):
+            dev.send(1024, 3004, b"%d" % i, timeout=5)
+        assert [g.recv(3004)[1] for _ in range(n)] == [b"%d" % i for i in range(n)]
+        scratch = g.ram.alloc(4096, 4096)
+        with g._rx_lock:
+            ids = [ring.free.pop() for _ in range(n)]
+            for j, i in enumerate(ids):
+                ring.write_desc(i, scratch, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+                                ids[(j + 1) % n])
+                ring.chain_len[i] = 1
+                g.rx_bufs[i] = None
+                ring.add_raw(i)
+            ring.publish()
+        g.kick_queue(0)
+        dev.send_nowait(1024, 3004, b"late")
+        wait_until(lambda: g.stats.events["rx_test_chain_returned"] == n)
+        assert dev.stats["bad_chains"] == n
+        # 64 chains of 64 reads, 4 x 64 reads a call, 8 calls a turn: two turns
+        assert dev.stats["to_guest_yields"] >= n // (WALK_BUDGET * FILL_CALLS) - 1
+        assert len(dev.outbox) == 1  # waiting, not lost
+        with g._rx_lock:
+            for gpa in g.rx_held:
+                g.rx_bufs[ring.add([(gpa, rp.BUF_SIZE, VRING_DESC_F_WRITE)])] = gpa
+            g.rx_held.clear()
+            g.repost_rx = True
+            ring.publish()
+        g.kick_queue(0)
+        assert g.recv(3004) == (1024, b"late")
 
 
 def test_a_front_end_writing_without_pause_cannot_hold_the_loop(

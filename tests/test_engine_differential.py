@@ -48,6 +48,7 @@ from vhost_rpmsg.virtio.memory import GuestMemory, RegionSpec
 from vhost_rpmsg.virtio.queue import (
     RX_READABLE,
     RX_TOO_SMALL,
+    WALK_BUDGET,
     Chain,
     ChainError,
     Queue,
@@ -1019,6 +1020,67 @@ def test_fill_rx_queue_broken_identically() -> None:
         d.avail[1] = 9  # nine ahead of a ring of eight
     py = duo.both(lambda q: q.fill_rx([b"x"]))
     assert py[0] == "raise" and py[1] is QueueBroken
+    duo.close()
+
+
+def _looping_ring(d: DriverRing, m: Mem, flags: int) -> None:
+    """Every descriptor chains to the next, the last to the first: each of the ring's
+    chains reads the whole table before it is found to loop."""
+    n = d.size
+    for i in range(n):
+        d.write_desc(i, BUF + 64 * i, 64, flags | NEXT, (i + 1) % n)
+        d.add_raw(i)
+    d.publish()
+
+
+@needs_cffi
+@pytest.mark.parametrize("op", ["pop_raw_batch", "pop_batch", "fill_rx"])
+def test_a_ring_of_looping_chains_costs_each_call_a_bounded_walk(op: str) -> None:
+    """Fuzz finding F2: 64 chains that each loop through all 64 descriptors cost 64^2
+    reads in one call.  Each call now starts walks only while fewer than WALK_BUDGET
+    queue sizes were read, both engines alike, and the next call goes on."""
+    size = 64
+    per_call = WALK_BUDGET  # each chain reads size descriptors
+    duo = Duo(size=size)
+    duo.each(lambda d, m: _looping_ring(d, m, WRITE if op == "fill_rx" else 0))
+    taken = 0
+    for _ in range(size // per_call):
+        if op == "pop_raw_batch":
+            rb = duo.both(lambda q: q.pop_raw_batch(size, 512))[1]
+            assert rb.count == per_call and set(rb.errors) == {int(ChainError.LOOP)}
+            heads = rb.returnable_heads()
+            duo.both(lambda q: q.push_used(heads, 0))  # noqa: B023 (called at once)
+        elif op == "pop_batch":
+            chains = duo.both(lambda q: q.pop_batch(size))[1]
+            assert [c.error for c in chains] == [ChainError.LOOP] * per_call
+        else:
+            f = duo.both(lambda q: q.fill_rx([b"m"] * 4))[1]
+            # chains are left, so not exhausted (call again), until the last four
+            assert f.written == 0 and f.exhausted == (taken + per_call == size)
+            assert [k for _, k, _, _ in f.refused] == [int(ChainError.LOOP)] * per_call
+        taken += per_call
+    assert duo.queues[1].state.stats.popped == taken == size
+    assert duo.queues[1].state.stats.bad_chains == size
+    if op == "fill_rx":  # all refused: now the ring is exhausted, nothing was written
+        f = duo.both(lambda q: q.fill_rx([b"m"]))[1]
+        assert f.written == 0 and f.exhausted and not f.refused
+    duo.close()
+
+
+@needs_cffi
+def test_a_full_ring_of_well_formed_chains_is_one_batch_within_the_budget() -> None:
+    """The budget never splits a batch of direct chains: together they read at most
+    a queue size of descriptors."""
+    duo = Duo(size=64)
+
+    def fill(d: DriverRing, m: Mem) -> None:
+        for i in range(32):
+            d.add([(BUF + 64 * i, 8, 0), (BUF + 64 * i + 8, 8, 0)])
+        d.publish()
+
+    duo.each(fill)
+    rb = duo.both(lambda q: q.pop_raw_batch(64, 512))[1]
+    assert rb.count == 32 and rb.nbad == 0
     duo.close()
 
 

@@ -436,7 +436,7 @@ class RpmsgDevice(VirtioDevice):
                 return
             try:
                 with q.state.lock, vr.guarding():
-                    wrote = self.outbox.fill(q)
+                    wrote, more = self.outbox.fill(q)
                     vr.notify()
             except QueueBroken:
                 # guarding() broke the ring (logged, err eventfd signalled): the guest's
@@ -444,6 +444,10 @@ class RpmsgDevice(VirtioDevice):
                 return
             if wrote:
                 self.lock.notify_all()
+        if more:
+            # As the to_host drain does: let every other peer of the loop have a turn.
+            self.stats["to_guest_yields"] += 1
+            self._flush_soon()
         if wrote and self._room is not None:
             self._room.set()
         if self.outbox.to_host_paused and not self.outbox.full:

@@ -15,6 +15,9 @@ from ..virtio.queue import RX_READABLE, RX_TOO_SMALL, Chain, ChainError, Queue
 from .ratelimit import RateLimitedLog
 
 BATCH = 256  # rx chains taken at a time: at most a whole ring
+#: fill_rx calls one fill makes at most: each is bounded (WALK_BUDGET), and a ring of
+#: chains the guest made to be refused must not hold the loop for all of them at once
+FILL_CALLS = 8
 
 
 class Outbox:
@@ -71,15 +74,18 @@ class Outbox:
         self.to_host_paused = False
         return n
 
-    def fill(self, q: Queue) -> int:
-        """Move what fits into the rx ring's free buffers, in order; the messages written.
+    def fill(self, q: Queue) -> tuple[int, bool]:
+        """Move what fits into the rx ring's free buffers, in order: the messages written,
+        and whether it stopped at FILL_CALLS with chains perhaps left (call again soon).
 
         One ``Queue.fill_rx`` per up to BATCH messages (one C call on the cffi engine).
         The caller holds the queue lock and notifies the guest afterwards.
         """
         out = self._q
         wrote = 0
-        while out:
+        for _ in range(FILL_CALLS):
+            if not out:
+                return wrote, False
             batch = list(itertools.islice(out, BATCH))
             done = q.fill_rx(batch)
             for head, kind, detail, m in done.refused:
@@ -94,8 +100,8 @@ class Outbox:
             elif not done.refused:  # no chain at all
                 if done.exhausted and q.enable_kicks():
                     continue  # buffers raced in
-                break
-        return wrote
+                return wrote, False
+        return wrote, bool(out)
 
     def _refused(self, head: int, kind: int, detail: int, size: int) -> None:
         """Count and log (rate-limited) an rx chain ``fill_rx`` gave back empty."""

@@ -261,6 +261,13 @@ def used_length(length: Any) -> int:
     return n
 
 
+#: descriptor reads one pop or fill may start, in queue sizes (cext/vring.h's
+#: VR_WALK_BUDGET): a chain is walked only while fewer were read in the call, the rest
+#: wait for the next.  A well-formed batch of direct chains reads at most a queue size;
+#: a looping chain reads a queue size (an indirect table as much again) before it is
+#: refused, so a ring of them would otherwise cost size^2 reads in one call.
+WALK_BUDGET = 4
+
 #: kinds of refusal in :attr:`Filled.refused` beyond the ChainError values (cext/vring.h)
 RX_READABLE = 64  # the chain has device-readable buffers
 RX_TOO_SMALL = 65  # its device-writable bytes cannot hold the message

@@ -336,7 +336,6 @@ class CffiQueue:
             if status == lib.VR_POP_AHEAD:
                 raise QueueBroken(f"avail idx {b.avail_idx} is {b.pending} ahead of "
                                   f"{self.state.last_avail_idx}")
-            total = b.total
             out: list[Chain] = []
             nbad = 0
             generation = st.table.generation
@@ -348,9 +347,10 @@ class CffiQueue:
                 # VR_POP_NEED_SEGS: with no payload buffer, nothing else can run short
                 bt.grow_segs(max(2 * bt.seg_cap, b.need))
                 b.flags |= lib.VR_F_CONTINUE
-                b.max_chains = total - len(out)
+                b.max_chains = b.total - len(out)
                 status = lib.vr_pop_batch(st.ring, b)
             self.state.last_avail_idx = b.last_avail
+            total = b.total  # fewer than asked when the walk budget ran out
             if total > 0:
                 self.state.stats.popped += total
                 self.state.stats.bad_chains += nbad

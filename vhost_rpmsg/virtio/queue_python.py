@@ -30,6 +30,7 @@ from .memory import BadAddress, GuestMemory
 from .queue import (
     RX_READABLE,
     RX_TOO_SMALL,
+    WALK_BUDGET,
     Chain,
     ChainError,
     Filled,
@@ -122,17 +123,19 @@ class PythonQueue:
         mem = self.state.mem
         assert mem is not None
         generation = mem.generation  # before the walks: a change under them makes them stale
-        out = []
+        out: list[Chain] = []
         last = self.state.last_avail_idx
-        for _ in range(n):
+        budget, reads = WALK_BUDGET * size, 0
+        while len(out) < n and reads < budget:  # the rest wait for the next pop
             head = int(avail[2 + (last % size)])
-            chain = self._walk(head, generation)
+            chain, r = self._walk(head, generation)
+            reads += r
             if not chain.ok:
                 self.state.stats.bad_chains += 1
             out.append(chain)
             last = (last + 1) & 0xFFFF
         self.state.last_avail_idx = last
-        self.state.stats.popped += n
+        self.state.stats.popped += len(out)
         return out
 
     def unpop(self, count: int) -> None:
@@ -145,19 +148,20 @@ class PythonQueue:
             self.state.last_avail_idx = (self.state.last_avail_idx - count) & 0xFFFF
             self.state.stats.popped -= count
 
-    def _walk(self, head: int, generation: int) -> Chain:
+    def _walk(self, head: int, generation: int) -> tuple[Chain, int]:
+        """The chain at ``head``, and how many descriptors were read for it."""
         chain = Chain(head, generation=generation)
         size = self.state.size
         # §2.7.5: "The number of descriptors in the table is defined by the queue size"
         if head >= size:
             chain.error = ChainError.HEAD_OUT_OF_RANGE
-            return chain
+            return chain, 0
         mem = self.state.mem
         assert mem is not None
         table = self.state.desc
         limit = size
         idx = head
-        seen = 0
+        seen = reads = 0
         nested = False
         while True:
             seen += 1
@@ -165,7 +169,8 @@ class PythonQueue:
             # "this implies that loops in the descriptor chain are forbidden!"
             if seen > limit:
                 chain.error = ChainError.LOOP
-                return chain
+                return chain, reads
+            reads += 1
             addr = table.item(2 * idx)
             word = table.item(2 * idx + 1)
             length = word & 0xFFFFFFFF
@@ -177,26 +182,26 @@ class PythonQueue:
                 # VIRTIO_F_INDIRECT_DESC feature was negotiated"
                 if not self.state.indirect:
                     chain.error = ChainError.INDIRECT_NOT_NEGOTIATED
-                    return chain
+                    return chain, reads
                 # "(ie. only one table per descriptor)"
                 if nested:
                     chain.error = ChainError.INDIRECT_NESTED
-                    return chain
+                    return chain, reads
                 # "MUST NOT set both VIRTQ_DESC_F_INDIRECT and VIRTQ_DESC_F_NEXT"
                 if flags & VRING_DESC_F_NEXT:
                     chain.error = ChainError.INDIRECT_WITH_NEXT
-                    return chain
+                    return chain, reads
                 # "struct virtq_desc desc[len / 16];" and "A driver MUST NOT create a
                 # descriptor chain longer than the Queue Size of the device."
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > size:
                     # empty, ragged, or more descriptors than the queue holds
                     chain.error = ChainError.INDIRECT_BAD_LEN
-                    return chain
+                    return chain, reads
                 try:
                     r, off = mem.find_gpa(addr, length)
                 except BadAddress:
                     chain.error = ChainError.ADDR_OUT_OF_BOUNDS
-                    return chain
+                    return chain, reads
                 # Device requirements: "The device MUST ignore the write-only flag" here, and
                 # "MUST handle the case of zero or more normal chained descriptors followed
                 # by a single descriptor with flags&VIRTQ_DESC_F_INDIRECT".
@@ -211,7 +216,7 @@ class PythonQueue:
                     r, off = mem.find_gpa(addr, length)
                 except BadAddress:
                     chain.error = ChainError.ADDR_OUT_OF_BOUNDS
-                    return chain
+                    return chain, reads
                 if flags & VRING_DESC_F_WRITE:
                     chain.writable.append((r, off, length))
                     chain.write_len += length
@@ -220,18 +225,18 @@ class PythonQueue:
                     # elements after any device-readable descriptor elements."
                     if chain.writable:
                         chain.error = ChainError.READABLE_AFTER_WRITABLE
-                        return chain
+                        return chain, reads
                     chain.readable.append((r, off, length))
                     chain.read_len += length
             elif not flags & VRING_DESC_F_WRITE and chain.writable:  # §2.7.4.2 as well
                 chain.error = ChainError.READABLE_AFTER_WRITABLE
-                return chain
+                return chain, reads
             if not flags & VRING_DESC_F_NEXT:
-                return chain
+                return chain, reads
             # next indexes this table: queue size entries (§2.7.5), or len / 16 (§2.7.5.3)
             if nxt >= limit:
                 chain.error = ChainError.NEXT_OUT_OF_RANGE
-                return chain
+                return chain, reads
             idx = nxt
 
     def pop_raw_batch(self, max_chains: int, limit: int) -> RawBatch:
@@ -387,8 +392,10 @@ class PythonQueue:
         generation = mem.generation
         # Chain by chain, each walked after the copies before it (a guest buffer may
         # overlap the ring), the used elements written after all of them: as vr_fill_rx.
-        while written < n and taken < shown:
-            c = self._walk(int(avail[2 + (state.last_avail_idx % size)]), generation)
+        budget, reads = WALK_BUDGET * size, 0
+        while written < n and taken < shown and reads < budget:  # the rest: next call
+            c, r = self._walk(int(avail[2 + (state.last_avail_idx % size)]), generation)
+            reads += r
             state.last_avail_idx = (state.last_avail_idx + 1) & 0xFFFF
             state.stats.popped += 1
             if not c.ok:

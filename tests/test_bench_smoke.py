@@ -17,7 +17,8 @@ from vhost_rpmsg.virtio.engines import available_engines
 def test_bench_smoke(tmp_path: Path) -> None:
     engines = available_engines()
     # Cases long enough that the CPU clock's granularity (below) is small beside them.
-    report = bench.run(engines, [16, 496], messages=50_000, samples=200)
+    report = bench.run(engines, [16, 496], messages=50_000, samples=200,
+                       repeat=bench.Repeat(runs=2, seconds=0))
     names = {(c.name, c.engine, c.size) for c in report.cases}
     for engine in engines:
         for size in (16, 496):
@@ -27,6 +28,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert 0 < report.backend_peak_rss_mb[engine] < 1024
     for c in report.cases:
         assert c.messages > 0 and c.seconds > 0 and c.msgs_per_s > 0
+        # two runs each; the one reported is the lower median: the slower of them
+        assert len(c.rates) == 2 and c.msgs_per_s == min(c.rates), c
+        assert c.spread == (max(c.rates) - min(c.rates)) / c.msgs_per_s
         # The wall window encloses both CPU readings, so CPU time above what the cores
         # could give is a broken measurement -- up to the clock's granularity: on this VM
         # a process's CPU time can jump by up to a scheduler tick (2.5 ms seen over a

@@ -160,6 +160,16 @@ class Case:
     guest_cpu: float
     p50_us: float | None = None
     p99_us: float | None = None
+    #: msgs/s of every run of the case, in run order; the fields above are the median
+    #: run's (by rate), latencies are over all runs
+    rates: list[float] = field(default_factory=list)
+
+    @property
+    def spread(self) -> float:
+        """(fastest - slowest) / median rate over the runs: 0 with one run."""
+        if len(self.rates) < 2 or not self.msgs_per_s:
+            return 0.0
+        return (max(self.rates) - min(self.rates)) / self.msgs_per_s
 
     @property
     def msgs_per_s(self) -> float:
@@ -234,8 +244,8 @@ class Report:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "cases": [asdict(c) | {"msgs_per_s": c.msgs_per_s, "mb_per_s": c.mb_per_s}
-                      for c in self.cases],
+            "cases": [asdict(c) | {"msgs_per_s": c.msgs_per_s, "mb_per_s": c.mb_per_s,
+                                   "spread": c.spread} for c in self.cases],
             "floors": self.floors,
             "backend_peak_rss_mb": self.backend_peak_rss_mb,
             "ratios": self.ratios(),
@@ -381,6 +391,14 @@ def _finish(proc: subprocess.Popen[bytes], what: str, messages: int) -> None:
                            f"of {messages} messages (exit status {proc.returncode})")
 
 
+#: a case's run, and what follows it untimed (a holder's exit)
+Run = tuple[Callable[[], None], Callable[[], None]]
+
+
+def _nothing() -> None:
+    pass
+
+
 def _send_windowed(g: SimGuest, src: int, dst: int, payload: bytes, n: int) -> None:
     """Send ``n`` messages to the fd sink at ``dst``, at most FD_WINDOW of them not yet
     acknowledged (its acknowledgements come to ``src``, a counting address); return
@@ -418,8 +436,30 @@ def _wait_ns(g: SimGuest, addr: int, flags: Any, timeout: float = 30.0) -> None:
             return
 
 
+#: a case runs at least REPEATS times and until its runs add up to MIN_SECONDS; the
+#: median run is reported with the spread (one short run on this VM can be off 2x)
+REPEATS, MIN_SECONDS, MAX_RUNS = 3, 0.5, 50
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """How often each case runs: ``runs`` at least, ``seconds`` in all at least."""
+
+    runs: int = REPEATS
+    seconds: float = MIN_SECONDS
+
+
+def _median_run(name: str, engine: str, size: int, runs: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+    """A case's result: its median run by rate, with every run's rate."""
+    rates = [r["messages"] / r["seconds"] for r in runs]
+    mid = sorted(range(len(runs)), key=lambda i: rates[i])[(len(runs) - 1) // 2]  # even: slower
+    return dict(runs[mid], name=name, engine=engine, size=size, rates=rates)
+
+
 def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messages: int,
-                samples: int, peer: str, out: Any, cpu: int | None = None) -> None:
+                samples: int, peer: str, out: Any, cpu: int | None = None,
+                repeat: Repeat = Repeat()) -> None:
     from .client import Control
     from .control.server import default_path
     from .guest import SimGuest
@@ -440,56 +480,81 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
             _, reply = g.recv(GUEST_ADDR, timeout=60)
             return int(reply.split(b":")[1])
 
-        def measure(name: str, size: int, n: int, run: Callable[[], None]) -> None:
-            out.send(("case", name, size))  # progress, before the timed window
-            # The wall-clock window encloses both CPU readings, so no share can exceed
-            # the cores the processes could run on.
-            t0 = time.perf_counter()
-            b0, g0 = _cpu_seconds(server_pid), _cpu_seconds()
-            run()
-            b1, g1 = _cpu_seconds(server_pid), _cpu_seconds()
-            wall = time.perf_counter() - t0
-            results.append(dict(name=name, engine=engine, size=size, messages=n, seconds=wall,
-                                backend_cpu=(b1 - b0) / wall, guest_cpu=(g1 - g0) / wall))
+        def measure(name: str, size: int, n: int, setup: Callable[[], Run]) -> None:
+            """Time ``n`` messages, ``repeat`` times over: ``setup()`` (untimed) gives
+            the run and what to do after it (also untimed)."""
+            out.send(("case", name, size))  # progress, before the timed windows
+            runs: list[dict[str, Any]] = []
+            total = 0.0
+            while len(runs) < MAX_RUNS and (len(runs) < repeat.runs
+                                            or total < repeat.seconds):
+                run, after = setup()
+                # The wall-clock window encloses both CPU readings, so no share can
+                # exceed the cores the processes could run on.
+                t0 = time.perf_counter()
+                b0, g0 = _cpu_seconds(server_pid), _cpu_seconds()
+                run()
+                b1, g1 = _cpu_seconds(server_pid), _cpu_seconds()
+                wall = time.perf_counter() - t0
+                after()
+                total += wall
+                runs.append(dict(messages=n, seconds=wall, backend_cpu=(b1 - b0) / wall,
+                                 guest_cpu=(g1 - g0) / wall))
+            results.append(_median_run(name, engine, size, runs))
 
         sync()  # warm up the path
         for size in sizes:
             payload = bytes(size)
-            before = sync()
 
-            def to_sink(payload: bytes = payload, before: int = before) -> None:
-                g.send_burst(GUEST_ADDR, SINK, payload, messages)
-                assert sync() == before + messages
+            def sink_run(payload: bytes = payload) -> Run:
+                before = sync()
 
-            measure("sink", size, messages, to_sink)
-            ep = ctl.open_endpoint()  # no name: nothing announced
-            holder = _hold(peer, ep, "sink", str(fd_messages), str(FD_ACK))
+                def to_sink() -> None:
+                    g.send_burst(GUEST_ADDR, SINK, payload, messages)
+                    assert sync() == before + messages
 
-            def to_fd(payload: bytes = payload, addr: int = ep.addr) -> None:
-                _send_windowed(g, acks, addr, payload, fd_messages)
+                return to_sink, _nothing
 
-            measure("fd sink", size, fd_messages, to_fd)
-            _finish(holder, "sink", fd_messages)
+            measure("sink", size, messages, sink_run)
+
+            def fd_sink_run(payload: bytes = payload) -> Run:
+                ep = ctl.open_endpoint()  # no name: nothing announced
+                holder = _hold(peer, ep, "sink", str(fd_messages), str(FD_ACK))
+
+                def to_fd() -> None:
+                    _send_windowed(g, acks, ep.addr, payload, fd_messages)
+
+                return to_fd, lambda: _finish(holder, "sink", fd_messages)
+
+            measure("fd sink", size, fd_messages, fd_sink_run)
         for size in sizes:
-            start = g.counted(GUEST_ADDR + 1)[0]
 
-            def from_source(size: int = size, start: int = start) -> None:
-                g.send(GUEST_ADDR + 1, CTL, b"src:%d:%d:%d" % (messages, size, GUEST_ADDR + 1))
-                g.wait_counted(GUEST_ADDR + 1, start + messages, timeout=120)
+            def source_run(size: int = size) -> Run:
+                start = g.counted(GUEST_ADDR + 1)[0]
 
-            measure("source", size, messages, from_source)
-            holder = _hold(peer, ctl.open_endpoint(dst=fd_dst), "source", str(fd_messages),
-                           str(size))
-            start = g.counted(fd_dst)[0]
+                def from_source() -> None:
+                    g.send(GUEST_ADDR + 1, CTL, b"src:%d:%d:%d" % (messages, size,
+                                                                   GUEST_ADDR + 1))
+                    g.wait_counted(GUEST_ADDR + 1, start + messages, timeout=120)
 
-            def from_fd(holder: subprocess.Popen[bytes] = holder, start: int = start) -> None:
-                assert holder.stdin is not None
-                holder.stdin.write(b"g")  # the start signal
-                holder.stdin.flush()
-                g.wait_counted(fd_dst, start + fd_messages, timeout=120)
+                return from_source, _nothing
 
-            measure("fd source", size, fd_messages, from_fd)
-            _finish(holder, "source", fd_messages)
+            measure("source", size, messages, source_run)
+
+            def fd_source_run(size: int = size) -> Run:
+                holder = _hold(peer, ctl.open_endpoint(dst=fd_dst), "source",
+                               str(fd_messages), str(size))
+                start = g.counted(fd_dst)[0]
+
+                def from_fd() -> None:
+                    assert holder.stdin is not None
+                    holder.stdin.write(b"g")  # the start signal
+                    holder.stdin.flush()
+                    g.wait_counted(fd_dst, start + fd_messages, timeout=120)
+
+                return from_fd, lambda: _finish(holder, "source", fd_messages)
+
+            measure("fd source", size, fd_messages, fd_source_run)
         lat: list[float] = []
 
         def echo() -> None:
@@ -500,7 +565,7 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
                 g.recv(GUEST_ADDR)
                 lat.append(time.perf_counter() - t0)
 
-        measure("echo", 16, samples, echo)
+        measure("echo", 16, samples, lambda: (echo, _nothing))
         results[-1].update(_percentiles(lat))
         pairs = max(50, min(samples // 5, 1000))
         lat = []
@@ -514,7 +579,7 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
                 _wait_ns(g, ep.addr, NsFlags.DESTROY)
                 lat.append(time.perf_counter() - t0)
 
-        measure(CONTROL_CASE, 0, pairs, open_close)
+        measure(CONTROL_CASE, 0, pairs, lambda: (open_close, _nothing))
         results[-1].update(_percentiles(lat))
     out.send(results)
 
@@ -590,14 +655,17 @@ def build_peer(outdir: str) -> str:
 
 
 def run(engines: list[str], sizes: list[int], messages: int, samples: int,
-        progress: Callable[[str], None] = lambda s: None, pin: bool = False) -> Report:
-    """Run every case for every engine; floors measured in the same run."""
+        progress: Callable[[str], None] = lambda s: None, pin: bool = False,
+        repeat: Repeat = Repeat()) -> Report:
+    """Run every case for every engine, each ``repeat``-ed; floors measured in the same
+    run."""
     import platform
 
     report = Report(machine={"cpus": os.cpu_count(), "python": platform.python_version()})
     ctx = mp.get_context("spawn")
     server_cpu, guest_cpu = _cpus(pin)
     report.machine["pinned"] = {"server": server_cpu, "guest": guest_cpu}
+    report.machine["repeat"] = asdict(repeat)
     for engine in engines:
         with tempfile.TemporaryDirectory(prefix="vhost-rpmsg-bench-") as tmp:
             path = os.path.join(tmp, "bench.sock")
@@ -612,7 +680,8 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
             recv, send = ctx.Pipe(duplex=False)
             assert server.pid is not None
             guest = ctx.Process(target=_guest_main, args=(
-                path, server.pid, engine, sizes, messages, samples, peer, send, guest_cpu))
+                path, server.pid, engine, sizes, messages, samples, peer, send, guest_cpu,
+                repeat))
             guest.start()
             ncases = 4 * len(sizes) + 2
             for k in itertools.count(1):
@@ -649,13 +718,15 @@ def render(report: Report) -> list[Any]:
     """Rich tables: the cases, the floors, and each target with its goal, met or missed."""
     from rich.table import Table
 
-    cases = Table(title="vhost-rpmsg bench: cases")
-    for col in ("case", "engine", "bytes", "msgs/s", "MB/s", "p50 µs", "p99 µs",
-                "backend CPU", "guest CPU"):
+    cases = Table(title="vhost-rpmsg bench: cases (median run; spread: ±half the range "
+                        "of the runs' rates, over the median)")
+    for col in ("case", "engine", "bytes", "msgs/s", "runs", "spread", "MB/s", "p50 µs",
+                "p99 µs", "backend CPU", "guest CPU"):
         cases.add_column(col, justify="left" if col in ("case", "engine") else "right")
     for c in report.cases:
         moved = c.name != CONTROL_CASE  # its "messages" are open+close pairs, no payload
         cases.add_row(c.name, c.engine, str(c.size) if moved else "", f"{c.msgs_per_s:,.0f}",
+                      str(len(c.rates)), f"±{c.spread / 2:.0%}" if len(c.rates) > 1 else "",
                       f"{c.mb_per_s:,.1f}" if moved else "", f"{c.p50_us:.1f}" if c.p50_us else "",
                       f"{c.p99_us:.1f}" if c.p99_us else "",
                       f"{c.backend_cpu:.0%}", f"{c.guest_cpu:.0%}")

@@ -619,6 +619,10 @@ def bench(
     json_out: Annotated[str | None, typer.Option("--json", help="also write results here")]
         = None,
     pin: Annotated[bool, typer.Option(help="run server and guest on different CPUs")] = False,
+    repeats: Annotated[int, typer.Option(
+        min=1, help="runs of each case at least; the median run is reported")] = 3,
+    min_seconds: Annotated[float, typer.Option(
+        min=0, help="seconds each case's runs add up to at least (50 runs at most)")] = 0.5,
     log_level: LogLevel = "warning",
 ) -> None:
     """Measure throughput and latency: server and simulated guest as separate processes."""
@@ -650,7 +654,8 @@ def bench(
                       highlight=False)
             progress.update(task, description=what)
 
-        report = b.run(wanted, size_list, messages, samples, progress=step, pin=pin)
+        report = b.run(wanted, size_list, messages, samples, progress=step, pin=pin,
+                       repeat=b.Repeat(repeats, min_seconds))
     for table in b.render(report):
         console.print(table)
     if json_out:

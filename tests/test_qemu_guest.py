@@ -14,6 +14,7 @@ compiler for that helper, and memfd + SCM_RIGHTS.  KVM is never used (TCG only).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -373,6 +374,22 @@ def test_figures(server: Server, record_property: RecordProperty) -> None:
     }
     record_property("figures", figures)
     print(f"\nreal-guest figures: {figures}")
+
+
+def test_real_guest_bench_script_reports_each_workload(tmp_path: Path) -> None:
+    """qemu-configs/real-guest-bench.py (docs/performance.md's real-guest rows), small:
+    every workload ran between its marks and has a figure."""
+    require_guest_image()
+    out = tmp_path / "figures.json"
+    p = subprocess.run([sys.executable, str(ROOT / "qemu-configs" / "real-guest-bench.py"),
+                        "--echoes", "300", "--flood", "3000", "--lat", "300",
+                        "--json", str(out)], capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout + p.stderr
+    f = json.loads(out.read_text())
+    assert f["echo_round_trips"] == 300 and f["flood_messages"] == 3000
+    for key in ("backend_cpu_per_echo_us", "backend_cpu_per_flood_msg_us", "lat_p50_us"):
+        assert f[key] > 0, f
+    assert 0 < f["lat_p50_us"] <= f["lat_p99_us"]
 
 
 @pytest.mark.skipif(not os.environ.get("VHOST_RPMSG_HANG_BOOTS"),

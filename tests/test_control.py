@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vhost_rpmsg.client import Control, ControlError
+from vhost_rpmsg.client import Control, ControlError, EndpointSocket
 from vhost_rpmsg.control import protocol as cp
 from vhost_rpmsg.control.metrics import MetricsServer, parse_address
 from vhost_rpmsg.control.protocol import ErrorCode, Op
@@ -148,6 +148,39 @@ def test_fd_endpoint_echoes_through_the_holder_and_goes_with_its_fd(ctl: Ctl) ->
         wait_until(lambda: "fd-svc" not in g.channels)
         wait_until(lambda: ep.addr not in ctl.running.device.endpoints)
         assert ctl.server.stats["fd_endpoints_closed"] == 1
+
+
+def test_an_empty_datagram_written_just_before_close_still_reaches_the_guest(
+        ctl: Ctl) -> None:
+    """SOCK_SEQPACKET reads an empty datagram and the hang-up alike (0 bytes); the
+    server used to check the hang-up flag after the read, so an empty message written
+    right before close was taken for the end and lost.  Credentials (SO_PASSCRED) come
+    with every datagram, none with the end: now each is what it is."""
+    with ctl.running.guest() as g, ctl.client() as c:
+        g.open(3009)
+        for _ in range(20):  # the close always lands right behind the writes
+            ep = c.open_endpoint(dst=3009)
+            ep.send(b"")
+            ep.send(b"")
+            ep.close()
+            assert [g.recv(3009) for _ in range(2)] == [(ep.addr, b"")] * 2
+            wait_until(lambda ep=ep: ep.addr not in ctl.running.device.endpoints)
+
+
+def test_the_client_tells_an_empty_guest_message_from_the_endpoint_closing() -> None:
+    """The holder's end gets SO_PASSCRED from the server, as here: the empty datagram
+    just before the end is an empty message, the end a ConnectionError."""
+    server_end, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    ep = EndpointSocket(theirs, 1024)
+    server_end.send(b"")
+    server_end.send(b"x")
+    server_end.send(b"")
+    server_end.close()
+    assert [ep.recv() for _ in range(3)] == [(None, b""), (None, b"x"), (None, b"")]
+    with pytest.raises(ConnectionError, match="closed"):
+        ep.recv()
+    ep.close()
 
 
 def test_addressed_fd_endpoint_talks_to_several_guest_addresses(ctl: Ctl) -> None:

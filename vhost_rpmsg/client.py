@@ -24,7 +24,7 @@ from typing import Any
 from .control import protocol as cp
 from .control.protocol import ControlError, Op
 from .endpoints.fd import ADDR_HEADER
-from .endpoints.peer import MAX_DATAGRAM
+from .endpoints.peer import CREDS_SPACE, MAX_DATAGRAM, hung_up, recvmsg_async
 
 __all__ = ["AsyncEndpoint", "Control", "ControlError", "EndpointSocket", "from_listen_fds"]
 
@@ -45,8 +45,11 @@ class EndpointSocket:
         self.sock.send(self._frame(data, dst))
 
     def recv(self) -> tuple[int | None, bytes]:
-        """(guest src, payload) of the next message; src is None on plain endpoints."""
-        return self._unframe(self.sock.recv(MAX_DATAGRAM))
+        """(guest src, payload) of the next message; src is None on plain endpoints.
+        An empty guest message is an empty payload; the endpoint's end raises
+        ConnectionError."""
+        data, anc, _, _ = self.sock.recvmsg(MAX_DATAGRAM, CREDS_SPACE)
+        return self._unframe(data, anc)
 
     def _frame(self, data: bytes, dst: int | None) -> bytes:
         if self.addressed:
@@ -58,10 +61,14 @@ class EndpointSocket:
                              "(or to the last writer): open it addressed to choose")
         return data
 
-    def _unframe(self, data: bytes) -> tuple[int | None, bytes]:
+    def _unframe(self, data: bytes, anc: list[tuple[int, int, bytes]]
+                 ) -> tuple[int | None, bytes]:
+        if hung_up(data, anc, self.sock):
+            raise ConnectionError("the endpoint was closed")
         if self.addressed:
             if len(data) < ADDR_HEADER:
-                raise ConnectionError("the endpoint was closed")
+                raise ConnectionError(f"a {len(data)}-byte datagram on an addressed "
+                                      "endpoint: no address header")
             return _ADDR.unpack_from(data)[0], data[ADDR_HEADER:]
         return None, data
 
@@ -89,8 +96,8 @@ class AsyncEndpoint(EndpointSocket):
         await asyncio.get_running_loop().sock_sendall(self.sock, self._frame(data, dst))
 
     async def arecv(self) -> tuple[int | None, bytes]:
-        data = await asyncio.get_running_loop().sock_recv(self.sock, MAX_DATAGRAM)
-        return self._unframe(data)
+        data, anc = await recvmsg_async(self.sock)
+        return self._unframe(data, anc)
 
 
 class Control:

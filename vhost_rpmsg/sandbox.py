@@ -251,13 +251,16 @@ _CLONE_THREAD = 0x00010000
 _O_ACCMODE, _O_CREAT, _O_TRUNC = 0o3, 0o100, 0o1000  # asm-generic, x86-64 and aarch64
 _FIONBIO, _TCGETS = 0x5421, 0x5401  # asm-generic ioctls, x86-64 and aarch64
 _PR_SET_NAME = 15
+_SO_PASSCRED = 16  # asm-generic socket.h, x86-64 and aarch64
 
 #: Calls allowed only with these arguments: (name, argument, mask, value); several rows
 #: of one call allow any of them.  Only threads may be cloned (the server never makes a
 #: process; clone3's flags are out of a filter's sight, so it fails with ENOSYS and
 #: glibc falls back to clone); files open read-only; socketpair (asyncio's self-pipe)
 #: for AF_UNIX only; ioctl for FIONBIO (setblocking) and TCGETS (isatty, on a file a
-#: late import opens) only; prctl only to name a thread (what Python 3.14 does).
+#: late import opens) only; prctl only to name a thread (what Python 3.14 does);
+#: setsockopt only for SO_PASSCRED (how a SEQPACKET peer's empty datagram differs from
+#: its hang-up: endpoints/peer.py).
 CONDITIONAL: tuple[tuple[str, int, int, int], ...] = (
     ("clone", 0, _CLONE_THREAD, _CLONE_THREAD),
     ("openat", 2, _O_ACCMODE | _O_CREAT | _O_TRUNC, 0),
@@ -265,6 +268,7 @@ CONDITIONAL: tuple[tuple[str, int, int, int], ...] = (
     ("ioctl", 1, 0xFFFFFFFF, _FIONBIO),
     ("ioctl", 1, 0xFFFFFFFF, _TCGETS),
     ("prctl", 0, 0xFFFFFFFF, _PR_SET_NAME),
+    ("setsockopt", 2, 0xFFFFFFFF, _SO_PASSCRED),
 )
 
 #: What a call outside the allowlist gets, by ``--seccomp`` mode

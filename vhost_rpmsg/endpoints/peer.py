@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import select
 import socket
+import struct
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 
@@ -46,13 +47,50 @@ async def send_all(port: Port, messages: list[tuple[int, bytes]]) -> None:
             await port.asend(dst, data)
 
 
-def closed(sock: socket.socket) -> bool:
-    """Whether the other end has gone (a zero-length read is also an empty datagram:
-    SOCK_SEQPACKET tells them apart only by the hang-up)."""
+#: ancillary room for the SCM_CREDENTIALS every datagram carries (SO_PASSCRED)
+CREDS_SPACE = socket.CMSG_SPACE(struct.calcsize("3i"))
+
+
+def hung_up(data: bytes, ancdata: list[tuple[int, int, bytes]], sock: socket.socket) -> bool:
+    """Whether a read of ``data`` was the end of the stream, not a datagram.
+
+    SOCK_SEQPACKET reports an empty datagram and the hang-up alike, as a read of 0
+    bytes.  With SO_PASSCRED on our end, the kernel attaches the sender's credentials
+    to every datagram, an empty one included, and to nothing at the end of the stream.
+    A datagram queued before SO_PASSCRED took effect (a ``unix`` bridge client can
+    write before the server accepts it) has none: then the hang-up flag decides.
+    """
+    if data or any(level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+                   for level, kind, _ in ancdata):
+        return False
     p = select.poll()
     p.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
     events = dict(p.poll(0)).get(sock.fileno(), 0)
     return bool(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR))
+
+
+async def recvmsg_async(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]]]:
+    """One datagram and its ancillary data (room for credentials), waiting on the loop
+    until there is one."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data, ancdata, _, _ = sock.recvmsg(MAX_DATAGRAM, CREDS_SPACE)
+            return data, ancdata
+        except (BlockingIOError, InterruptedError):
+            pass
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 class SeqpacketPeer:
@@ -61,6 +99,8 @@ class SeqpacketPeer:
     def __init__(self, sock: socket.socket, label: str, rl: RateLimitedLog, *,
                  limit: int = PEER_QUEUE_LIMIT) -> None:
         sock.setblocking(False)
+        # Credentials on every datagram: how an empty one differs from the hang-up.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock = sock
         self.label = label
         self.limit = limit
@@ -132,22 +172,22 @@ class SeqpacketPeer:
 
     async def _read(self, on_datagrams: Callable[[list[bytes]], Awaitable[None]],
                     on_closed: Callable[[str], None]) -> None:
-        loop = asyncio.get_running_loop()
         why = "closed"
         sock = self.sock
+        recvmsg = sock.recvmsg
         try:
             while True:
-                data = await loop.sock_recv(sock, MAX_DATAGRAM)
-                if not data and closed(sock):
+                data, anc = await recvmsg_async(sock)
+                if hung_up(data, anc, sock):
                     break
                 batch = [data]
                 gone = False
                 while len(batch) < READ_BURST:
                     try:
-                        data = sock.recv(MAX_DATAGRAM)  # non-blocking
+                        data, anc, _, _ = recvmsg(MAX_DATAGRAM, CREDS_SPACE)  # non-blocking
                     except (BlockingIOError, InterruptedError):
                         break
-                    if not data and closed(sock):
+                    if hung_up(data, anc, sock):
                         gone = True
                         break
                     batch.append(data)

@@ -64,6 +64,8 @@ class UnixBridge(Endpoint):
         if self.listener is None:
             self.listener = listen_unix(self.path, self.mode, socket.SOCK_SEQPACKET)
             self.listener.setblocking(False)
+            # inherited by each accepted connection (endpoints/peer.py: empty datagrams)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
 
     def guest_ready(self) -> None:
         if not self._tasks:

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from vhost_rpmsg import bench
+from vhost_rpmsg import bench, bench_guests
 from vhost_rpmsg.virtio.engines import available_engines
 
 
@@ -49,3 +49,18 @@ def test_bench_smoke(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert len(data["cases"]) == len(report.cases)
     assert set(data["ratios"]) == set(report.ratios())
+
+
+def test_bench_guests_smoke() -> None:
+    """``bench --guests``: one server, N sockets and guests; every round accounted for."""
+    report = bench_guests.run(available_engines()[0], [1, 2], size=496, messages=5_000,
+                              repeat=bench.Repeat(runs=2, seconds=0))
+    assert [s.guests for s in report.scales] == [1, 2]
+    for s in report.scales:
+        assert len(s.rates) == 2 and s.msgs_per_s == min(s.rates)
+        assert 0 < s.slowest_guest_msgs_per_s <= s.mean_guest_msgs_per_s
+        assert s.backend_rss_mb > 0 and s.backend_cpu > 0
+    f = report.figures()
+    assert f["guests"] == 2 and f["per_guest_goal"] == 0.5
+    assert f["per_guest_ratio"] > 0
+    assert set(json.loads(json.dumps(report.as_json()))) == {"engine", "scales", "figures"}

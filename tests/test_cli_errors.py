@@ -162,3 +162,12 @@ def test_directory_not_writable(tmp_path: Path) -> None:
         ro.chmod(0o755)
     _assert_one_line_failure(out, str(ro), "not writable")
     assert _listing(tmp_path) == {"ro"}
+
+
+@pytest.mark.parametrize("args", [["--guests", "0"], ["--guests", "two"], ["--guests", ","],
+                                  ["--repeats", "0"], ["--min-seconds", "-1"]],
+                         ids=lambda a: " ".join(a))
+def test_bad_bench_arguments_are_one_error_line(tmp_path: Path, args: list[str]) -> None:
+    out = _run(["bench", *args], tmp_path)
+    _assert_one_line_failure(out, args[0])
+    assert out.returncode == 2

@@ -164,7 +164,8 @@ def test_an_empty_datagram_written_just_before_close_still_reaches_the_guest(
             ep.send(b"")
             ep.close()
             assert [g.recv(3009) for _ in range(2)] == [(ep.addr, b"")] * 2
-            wait_until(lambda ep=ep: ep.addr not in ctl.running.device.endpoints)
+            addr = ep.addr
+            wait_until(lambda: addr not in ctl.running.device.endpoints)  # noqa: B023
 
 
 def test_the_client_tells_an_empty_guest_message_from_the_endpoint_closing() -> None:

@@ -308,7 +308,10 @@ def _cpus(pin: bool) -> tuple[int | None, int | None]:
     return (avail[0], avail[1]) if pin and len(avail) >= 2 else (None, None)
 
 
-def _server_main(path: str, engine: str, ready: Any, cpu: int | None = None) -> None:
+def _server_main(path: str | list[str], engine: str, ready: Any,
+                 cpu: int | None = None) -> None:
+    """One server process on one socket per path (as ``serve --socket-count``), each
+    with its own device: sink, echo and bench control; the control socket on the first."""
     import asyncio
     import signal
 
@@ -318,21 +321,27 @@ def _server_main(path: str, engine: str, ready: Any, cpu: int | None = None) -> 
     from .virtio.engines import queue_factory
 
     _pin(cpu)
-    sink = Sink(SINK)
-    device = RpmsgDevice([sink, Echo(ECHO), BenchControl(CTL, sink)], outbox_limit=1024)
-    server = VhostUserServer(device, listen_unix(path), queue_factory=queue_factory(engine))
-    control = ControlServer(default_path(path), [server])  # as serve runs it: same loop
+    paths = [path] if isinstance(path, str) else path
+    servers = []
+    for p in paths:
+        sink = Sink(SINK)
+        device = RpmsgDevice([sink, Echo(ECHO), BenchControl(CTL, sink)], outbox_limit=1024)
+        servers.append(VhostUserServer(device, listen_unix(p),
+                                       queue_factory=queue_factory(engine)))
+    control = ControlServer(default_path(paths[0]), servers)  # as serve runs it: same loop
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        server.start(loop)
+        for server in servers:
+            server.start(loop)
         control.start()
         ready.set()
         await stop.wait()
         control.close()
-        server.close()
+        for server in servers:
+            server.close()
 
     asyncio.run(main())
 
@@ -357,10 +366,11 @@ def _cpu_seconds(pid: int | None = None) -> float:
     return time.clock_gettime((~pid << 3) | 2)
 
 
-def _peak_rss_mb(pid: int) -> float:
+def _peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """The peak RSS of ``pid`` in MB (``field="VmRSS"``: the current one)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -449,6 +459,9 @@ class Repeat:
     seconds: float = MIN_SECONDS
 
 
+DEFAULT_REPEAT = Repeat()
+
+
 def _median_run(name: str, engine: str, size: int, runs: list[dict[str, Any]]
                 ) -> dict[str, Any]:
     """A case's result: its median run by rate, with every run's rate."""
@@ -459,7 +472,7 @@ def _median_run(name: str, engine: str, size: int, runs: list[dict[str, Any]]
 
 def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messages: int,
                 samples: int, peer: str, out: Any, cpu: int | None = None,
-                repeat: Repeat = Repeat()) -> None:
+                repeat: Repeat = DEFAULT_REPEAT) -> None:
     from .client import Control
     from .control.server import default_path
     from .guest import SimGuest
@@ -656,7 +669,7 @@ def build_peer(outdir: str) -> str:
 
 def run(engines: list[str], sizes: list[int], messages: int, samples: int,
         progress: Callable[[str], None] = lambda s: None, pin: bool = False,
-        repeat: Repeat = Repeat()) -> Report:
+        repeat: Repeat = DEFAULT_REPEAT) -> Report:
     """Run every case for every engine, each ``repeat``-ed; floors measured in the same
     run."""
     import platform

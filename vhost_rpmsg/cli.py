@@ -623,6 +623,10 @@ def bench(
         min=1, help="runs of each case at least; the median run is reported")] = 3,
     min_seconds: Annotated[float, typer.Option(
         min=0, help="seconds each case's runs add up to at least (50 runs at most)")] = 0.5,
+    guests: Annotated[str | None, typer.Option(
+        help="instead of the cases: scaling with guests, e.g. 1,2,4,8 — one server, "
+             "N sockets, N guests each flooding a sink with --messages of the largest "
+             "--sizes")] = None,
     log_level: LogLevel = "warning",
 ) -> None:
     """Measure throughput and latency: server and simulated guest as separate processes."""
@@ -641,6 +645,15 @@ def bench(
     size_list = [int(x) for x in sizes.split(",")]
     if any(not 0 <= s <= 496 for s in size_list):
         raise typer.BadParameter("sizes must be within 0..496", param_hint="--sizes")
+    counts: list[int] = []
+    if guests is not None:
+        try:
+            counts = [int(x) for x in guests.split(",") if x.strip()]
+        except ValueError:
+            counts = []
+        if not counts or any(not 1 <= n <= 64 for n in counts):
+            raise typer.BadParameter(f"{guests!r}: guest counts are 1..64, comma-separated",
+                                     param_hint="--guests")
     # Progress goes to stderr: a line per step (also where no terminal shows the live
     # spinner, e.g. in CI logs), the tables to stdout at the end.
     err = Console(stderr=True)
@@ -654,8 +667,23 @@ def bench(
                       highlight=False)
             progress.update(task, description=what)
 
-        report = b.run(wanted, size_list, messages, samples, progress=step, pin=pin,
-                       repeat=b.Repeat(repeats, min_seconds))
+        repeat = b.Repeat(repeats, min_seconds)
+        if counts:
+            from . import bench_guests as bg
+
+            scaled = [bg.run(e, counts, max(size_list), messages, progress=step,
+                             repeat=repeat) for e in wanted]
+        else:
+            report = b.run(wanted, size_list, messages, samples, progress=step, pin=pin,
+                           repeat=repeat)
+    if counts:
+        for r in scaled:
+            for table in bg.render(r):
+                console.print(table)
+        if json_out:
+            Path(json_out).write_text(json.dumps([r.as_json() for r in scaled], indent=2))
+            console.print(f"results written to {json_out}")
+        return
     for table in b.render(report):
         console.print(table)
     if json_out:

@@ -169,10 +169,9 @@ def test_an_empty_datagram_written_just_before_close_still_reaches_the_guest(
 
 
 def test_the_client_tells_an_empty_guest_message_from_the_endpoint_closing() -> None:
-    """The holder's end gets SO_PASSCRED from the server, as here: the empty datagram
-    just before the end is an empty message, the end a ConnectionError."""
+    """The client sets SO_PASSCRED on its end: the empty datagram just before the end
+    is an empty message, the end a ConnectionError."""
     server_end, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     ep = EndpointSocket(theirs, 1024)
     server_end.send(b"")
     server_end.send(b"x")

@@ -35,6 +35,11 @@ class EndpointSocket:
     """An endpoint fd: one datagram per message."""
 
     def __init__(self, sock: socket.socket, addr: int, *, addressed: bool = False) -> None:
+        # Credentials on every datagram from now on: how an empty guest message differs
+        # from the end (endpoints/peer.py; the server leaves this end as it is, so a
+        # holder that does not need it pays nothing).  What the server queued before
+        # has none: an empty one of those is told from the end by the hang-up flag.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock = sock
         #: the host address of the endpoint (what the guest writes to)
         self.addr = addr

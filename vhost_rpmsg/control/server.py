@@ -320,9 +320,6 @@ class ControlServer:
         self._check_name(name, addr)
         ours, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        # Before either end can receive: every datagram then carries credentials, the
-        # holder's end too (vhost_rpmsg.client tells an empty message from the end by it).
-        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ep = FdEndpoint(addr, name, sock=ours, dst=dst, addressed=addressed,
                         on_closed=lambda e, why: self._fd_closed(dev, e, index))
         try:

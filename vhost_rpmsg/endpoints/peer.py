@@ -178,7 +178,7 @@ class SeqpacketPeer:
         try:
             while True:
                 data, anc = await recvmsg_async(sock)
-                if hung_up(data, anc, sock):
+                if not data and hung_up(data, anc, sock):
                     break
                 batch = [data]
                 gone = False
@@ -187,7 +187,7 @@ class SeqpacketPeer:
                         data, anc, _, _ = recvmsg(MAX_DATAGRAM, CREDS_SPACE)  # non-blocking
                     except (BlockingIOError, InterruptedError):
                         break
-                    if hung_up(data, anc, sock):
+                    if not data and hung_up(data, anc, sock):
                         gone = True
                         break
                     batch.append(data)

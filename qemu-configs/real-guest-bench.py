@@ -85,7 +85,7 @@ def boot(sock: str, server: subprocess.Popen[bytes], cmd: str, patched: bool,
         for raw in proc.stdout:
             line = raw.decode(errors="replace")
             m = MARK.search(line)
-            if m:
+            if m and server.poll() is None:  # a dead server: its log says why, below
                 marks.setdefault(m[1], (time.monotonic(), cpu_seconds(server.pid)))
             lines.append(line)
         rc = proc.wait(timeout + 60)
@@ -121,7 +121,11 @@ def main() -> int:
                       file=sys.stderr)
         finally:
             server.send_signal(signal.SIGTERM)
-            server.wait(10)
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
         if rc != 0 or len(marks) != 6:
             print(out, file=sys.stderr)
             print(f"--- server ---\n{log.read_text()}", file=sys.stderr)

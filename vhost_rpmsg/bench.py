@@ -717,6 +717,9 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
             report.backend_peak_rss_mb[engine] = _peak_rss_mb(server.pid)
             server.terminate()
             server.join(10)
+            if server.is_alive():  # it would run on into the next engine's cases
+                server.kill()
+                server.join()
     for size in sizes:
         progress(f"floor: memcpy of {size} B messages")
         report.floors[f"memcpy{size}_msgs_per_s"] = memcpy_floor(size, max(messages, 10000))

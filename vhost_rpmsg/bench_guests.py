@@ -106,7 +106,12 @@ def _guest_main(path: str, size: int, messages: int, conn: Any) -> None:
 
         count = sync()
         conn.send("ready")
-        while conn.recv() == "go":
+        while True:
+            try:
+                if conn.recv() != "go":
+                    return
+            except EOFError:  # the bench gave up: end quietly
+                return
             t0 = time.monotonic()
             g.send_burst(GUEST_ADDR, SINK, payload, messages)
             count += messages
@@ -134,6 +139,7 @@ def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat) -> Scale
                 proc = ctx.Process(target=_guest_main, args=(p, size, messages, theirs),
                                    daemon=True)
                 proc.start()
+                theirs.close()  # the child's copy only: its exit is then EOF to us
                 guests.append((proc, ours))
             for proc, conn in guests:
                 if not conn.poll(60) or conn.recv() != "ready":
@@ -141,6 +147,9 @@ def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat) -> Scale
             rounds: list[tuple[float, list[float], float]] = []
             total = 0.0
             while len(rounds) < 50 and (len(rounds) < repeat.runs or total < repeat.seconds):
+                # The CPU readings lie within the wall window they are divided by: the
+                # window runs from before the first "go" to after the last reply.
+                w0 = time.monotonic()
                 c0 = _cpu_seconds(server.pid)
                 for _, conn in guests:
                     conn.send("go")
@@ -148,22 +157,29 @@ def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat) -> Scale
                 for proc, conn in guests:
                     if not conn.poll(300):
                         raise RuntimeError(f"bench guest stalled (exit {proc.exitcode})")
-                    spans.append(conn.recv())
+                    spans.append(conn.recv())  # EOFError if it died
                 c1 = _cpu_seconds(server.pid)
+                cpu_wall = time.monotonic() - w0
                 wall = max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans)
                 rounds.append((wall, [messages / (t1 - t0) for t0, t1 in spans],
-                               (c1 - c0) / wall))
+                               (c1 - c0) / cpu_wall))
                 total += wall
             rss = _peak_rss_mb(server.pid, "VmRSS")
             for _, conn in guests:
                 conn.send("stop")
         finally:
+            for _, conn in guests:
+                conn.close()  # a guest waiting for its next order reads EOF and ends
             for proc, _ in guests:
                 proc.join(10)
                 if proc.is_alive():
                     proc.kill()
+                    proc.join()
             server.terminate()
             server.join(10)
+            if server.is_alive():
+                server.kill()
+                server.join()
     order = sorted(range(len(rounds)), key=lambda i: -rounds[i][0])  # slowest first
     wall, per_guest, cpu = rounds[order[(len(rounds) - 1) // 2]]
     return Scale(n, messages, size, wall, min(per_guest), sum(per_guest) / n, cpu, rss,

@@ -85,7 +85,8 @@ async def recvmsg_async(sock: socket.socket) -> tuple[bytes, list[tuple[int, int
         try:
             await ready
         finally:
-            loop.remove_reader(fd)
+            if sock.fileno() == fd:  # closed meanwhile: its closer removed the reader
+                loop.remove_reader(fd)
 
 
 def _wake(ready: asyncio.Future[None]) -> None:
@@ -203,6 +204,10 @@ class SeqpacketPeer:
     def close(self) -> None:
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
+            # Now, not when the cancelled task next runs: by then the fd number may
+            # belong to another socket, whose reader that late removal would take away.
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self._task = None
         self._stop_writer()
         self._out.clear()

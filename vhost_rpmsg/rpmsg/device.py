@@ -64,8 +64,20 @@ class _DevicePort:
         self._count(1, len(data))
 
     def send_many(self, messages: list[tuple[int, bytes]]) -> None:
-        self._device.send_many(self.src, messages)
-        self._count(len(messages), sum(len(d) for _, d in messages))
+        # Counted first: the device writes them to the ring and notifies the guest
+        # before it returns, and a count that lags what the guest already has would
+        # be wrong for a moment.  All or nothing, so a refusal takes the count back.
+        n, nbytes = len(messages), sum(len(d) for _, d in messages)
+        self._count(n, nbytes)
+        try:
+            self._device.send_many(self.src, messages)
+        except BaseException:
+            stats = self._stats
+            for key, k in (("to_guest", n), ("to_guest_bytes", nbytes)):
+                stats[key] -= k
+                if not stats[key]:
+                    del stats[key]  # as if never counted: no key, not a 0
+            raise
 
     async def asend(self, dst: int, data: bytes) -> None:
         await self._device.asend(self.src, dst, data)

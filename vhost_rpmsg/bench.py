@@ -149,6 +149,13 @@ def floor_unit(key: str) -> str:
     return "msgs/s" if key.endswith("_msgs_per_s") else "µs" if key.endswith("_us") else ""
 
 
+def spread(rates: list[float], median: float) -> float:
+    """(fastest - slowest) / median over the runs' rates: 0 with one run."""
+    if len(rates) < 2 or not median:
+        return 0.0
+    return (max(rates) - min(rates)) / median
+
+
 @dataclass
 class Case:
     name: str
@@ -166,10 +173,7 @@ class Case:
 
     @property
     def spread(self) -> float:
-        """(fastest - slowest) / median rate over the runs: 0 with one run."""
-        if len(self.rates) < 2 or not self.msgs_per_s:
-            return 0.0
-        return (max(self.rates) - min(self.rates)) / self.msgs_per_s
+        return spread(self.rates, self.msgs_per_s)
 
     @property
     def msgs_per_s(self) -> float:

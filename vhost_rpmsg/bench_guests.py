@@ -33,6 +33,7 @@ from .bench import (
     _cpu_seconds,
     _peak_rss_mb,
     _server_main,
+    spread,
 )
 
 #: RSS a guest beyond the first may add, MB (performance issue)
@@ -59,9 +60,7 @@ class Scale:
 
     @property
     def spread(self) -> float:
-        if len(self.rates) < 2 or not self.msgs_per_s:
-            return 0.0
-        return (max(self.rates) - min(self.rates)) / self.msgs_per_s
+        return spread(self.rates, self.msgs_per_s)
 
 
 @dataclass

@@ -64,20 +64,13 @@ class _DevicePort:
         self._count(1, len(data))
 
     def send_many(self, messages: list[tuple[int, bytes]]) -> None:
-        # Counted first: the device writes them to the ring and notifies the guest
-        # before it returns, and a count that lags what the guest already has would
-        # be wrong for a moment.  All or nothing, so a refusal takes the count back.
-        n, nbytes = len(messages), sum(len(d) for _, d in messages)
-        self._count(n, nbytes)
-        try:
-            self._device.send_many(self.src, messages)
-        except BaseException:
-            stats = self._stats
-            for key, k in (("to_guest", n), ("to_guest_bytes", nbytes)):
-                stats[key] -= k
-                if not stats[key]:
-                    del stats[key]  # as if never counted: no key, not a 0
-            raise
+        dev = self._device
+        with dev.lock:
+            dev._queue_many(self.src, messages)
+            # Counted once accepted and before the flush writes them and notifies the
+            # guest: a count that lags what the guest already has would be wrong.
+            self._count(len(messages), sum(len(d) for _, d in messages))
+            dev.flush()
 
     async def asend(self, dst: int, data: bytes) -> None:
         await self._device.asend(self.src, dst, data)
@@ -390,6 +383,12 @@ class RpmsgDevice(VirtioDevice):
     def send_many(self, src: int, messages: list[tuple[int, bytes]]) -> None:
         """Send several (dst, payload) messages from ``src``: one pass over the ring, one
         notification.  All or nothing: WouldBlock if they do not all fit the outbox."""
+        with self.lock:
+            self._queue_many(src, messages)
+            self.flush()
+
+    def _queue_many(self, src: int, messages: list[tuple[int, bytes]]) -> None:
+        """send_many up to its flush: all queued, or none (WouldBlock, PayloadTooLarge)."""
         encoded = [self._encode(src, dst, data) for dst, data in messages]
         with self.lock:
             if len(encoded) > self.outbox.room() and (len(self.outbox) or not self.ns.ready):
@@ -397,7 +396,6 @@ class RpmsgDevice(VirtioDevice):
                 raise WouldBlock(f"{len(encoded)} messages do not fit the outbox "
                                  f"({len(self.outbox)} of {self.outbox.limit} used)")
             self.outbox.extend(encoded)
-            self.flush()
 
     def send(self, src: int, dst: int, data: bytes, timeout: float | None = None) -> None:
         """Blocking send for threads other than the device's loop."""

@@ -163,6 +163,12 @@ static uint8_t walk(const vr_ring *ring, int indirect_ok, uint32_t head, const s
     }
 }
 
+/* Descriptor reads one pop or fill may start (vring.h, VR_WALK_BUDGET). */
+static inline uint64_t walk_budget(const vr_ring *ring)
+{
+    return (uint64_t)VR_WALK_BUDGET * ring->size;
+}
+
 /* Copy the first `want` readable bytes of a chain just walked (its segments are valid). */
 static void copy_readable(const vr_ring *ring, const seg_sink *b, uint64_t s0, uint32_t nread,
                           uint64_t want, uint8_t *out)
@@ -183,8 +189,6 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
     const seg_sink sink = {b->seg_cap, b->seg_region, b->seg_off, b->seg_len, b->seg_writable};
     uint32_t n;
     uint16_t last = b->last_avail;
-
-    const uint64_t budget = (uint64_t)VR_WALK_BUDGET * ring->size;
 
     b->nchains = b->nsegs = b->nbad = 0;
     b->need = 0;
@@ -207,7 +211,7 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b)
 
     for (uint32_t i = 0; i < n; i++) {
         walk_result w;
-        if (b->reads >= budget) {
+        if (b->reads >= walk_budget(ring)) {
             b->total -= n - i; /* left for the next batch */
             break;
         }
@@ -277,7 +281,7 @@ int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
     used = r->data_used;
     for (uint32_t i = r->nchains; i < r->total; i++) {
         walk_result w;
-        if (r->reads >= (uint64_t)VR_WALK_BUDGET * ring->size) {
+        if (r->reads >= walk_budget(ring)) {
             r->total = i; /* the rest are left for the next batch */
             break;
         }
@@ -345,7 +349,7 @@ int vr_fill_rx(const vr_ring *ring, vr_fill *f, const uint8_t *data, const uint6
         return VR_POP_AHEAD;
     for (i = 0; i < pending && m < nmsgs; i++) {
         walk_result w;
-        if (f->reads >= (uint64_t)VR_WALK_BUDGET * ring->size)
+        if (f->reads >= walk_budget(ring))
             break; /* the rest wait for the next call; not exhausted */
         const uint32_t head = ld16(ring->avail + 4 + 2 * (last & mask));
         const uint8_t err = walk(ring, indirect_ok, head, &sink, 0, &w);

@@ -462,16 +462,35 @@ class Repeat:
     runs: int = REPEATS
     seconds: float = MIN_SECONDS
 
+    def more(self, done: int, seconds: float) -> bool:
+        """Whether a case that ran ``done`` times, ``seconds`` in all, runs again."""
+        return done < MAX_RUNS and (done < self.runs or seconds < self.seconds)
+
 
 DEFAULT_REPEAT = Repeat()
+
+
+def median_index(rates: list[float]) -> int:
+    """The run to report: the median by rate, the slower middle one of an even count."""
+    return sorted(range(len(rates)), key=rates.__getitem__)[(len(rates) - 1) // 2]
+
+
+def stop_process(proc: Any, terminate: bool = True) -> None:
+    """End a multiprocessing child: SIGTERM (or none, for one ending by itself), up to
+    10 s, then SIGKILL; one left running would skew what is measured next."""
+    if terminate:
+        proc.terminate()
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
 
 
 def _median_run(name: str, engine: str, size: int, runs: list[dict[str, Any]]
                 ) -> dict[str, Any]:
     """A case's result: its median run by rate, with every run's rate."""
     rates = [r["messages"] / r["seconds"] for r in runs]
-    mid = sorted(range(len(runs)), key=lambda i: rates[i])[(len(runs) - 1) // 2]  # even: slower
-    return dict(runs[mid], name=name, engine=engine, size=size, rates=rates)
+    return dict(runs[median_index(rates)], name=name, engine=engine, size=size, rates=rates)
 
 
 def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messages: int,
@@ -503,8 +522,7 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
             out.send(("case", name, size))  # progress, before the timed windows
             runs: list[dict[str, Any]] = []
             total = 0.0
-            while len(runs) < MAX_RUNS and (len(runs) < repeat.runs
-                                            or total < repeat.seconds):
+            while repeat.more(len(runs), total):
                 run, after = setup()
                 # The wall-clock window encloses both CPU readings, so no share can
                 # exceed the cores the processes could run on.
@@ -719,11 +737,7 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
                 report.cases.append(Case(**r))
             guest.join(10)
             report.backend_peak_rss_mb[engine] = _peak_rss_mb(server.pid)
-            server.terminate()
-            server.join(10)
-            if server.is_alive():  # it would run on into the next engine's cases
-                server.kill()
-                server.join()
+            stop_process(server)
     for size in sizes:
         progress(f"floor: memcpy of {size} B messages")
         report.floors[f"memcpy{size}_msgs_per_s"] = memcpy_floor(size, max(messages, 10000))

@@ -33,7 +33,9 @@ from .bench import (
     _cpu_seconds,
     _peak_rss_mb,
     _server_main,
+    median_index,
     spread,
+    stop_process,
 )
 
 #: RSS a guest beyond the first may add, MB (performance issue)
@@ -145,7 +147,7 @@ def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat) -> Scale
                     raise RuntimeError(f"bench guest did not connect (exit {proc.exitcode})")
             rounds: list[tuple[float, list[float], float]] = []
             total = 0.0
-            while len(rounds) < 50 and (len(rounds) < repeat.runs or total < repeat.seconds):
+            while repeat.more(len(rounds), total):
                 # The CPU readings lie within the wall window they are divided by: the
                 # window runs from before the first "go" to after the last reply.
                 w0 = time.monotonic()
@@ -170,19 +172,12 @@ def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat) -> Scale
             for _, conn in guests:
                 conn.close()  # a guest waiting for its next order reads EOF and ends
             for proc, _ in guests:
-                proc.join(10)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
-            server.terminate()
-            server.join(10)
-            if server.is_alive():
-                server.kill()
-                server.join()
-    order = sorted(range(len(rounds)), key=lambda i: -rounds[i][0])  # slowest first
-    wall, per_guest, cpu = rounds[order[(len(rounds) - 1) // 2]]
+                stop_process(proc, terminate=False)
+            stop_process(server)
+    rates = [n * messages / r[0] for r in rounds]
+    wall, per_guest, cpu = rounds[median_index(rates)]
     return Scale(n, messages, size, wall, min(per_guest), sum(per_guest) / n, cpu, rss,
-                 [n * messages / r[0] for r in rounds])
+                 rates)
 
 
 def run(engine: str, counts: list[int], size: int, messages: int,

@@ -64,18 +64,30 @@ class MessageBatch:
         return self.data[o : o + int(self.lengths[i])]
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        return iter(self.pairs())
+
+    def pairs(self) -> list[tuple[int, bytes]]:
+        """Every (src, payload) of the batch: one list, made in one pass."""
         data = self.data
-        for s, o, n in zip(_tolist(self.srcs), _tolist(self.offsets), _tolist(self.lengths),
-                           strict=True):
-            yield s, data[o : o + n]
+        srcs, offsets, lengths = self.srcs, self.offsets, self.lengths
+        if isinstance(srcs, np.ndarray):
+            srcs = srcs.tolist()
+        if isinstance(offsets, np.ndarray):
+            offsets = offsets.tolist()
+        if isinstance(lengths, np.ndarray):
+            lengths = lengths.tolist()
+        return [(s, data[o : o + n]) for s, o, n in zip(srcs, offsets, lengths, strict=True)]
 
     def total_bytes(self) -> int:
         lengths = self.lengths
         return int(lengths.sum()) if isinstance(lengths, np.ndarray) else sum(lengths)
 
-
-def _tolist(a: np.ndarray | list[int]) -> list[int]:
-    return a.tolist() if isinstance(a, np.ndarray) else a
+    def longest(self) -> int:
+        """The longest payload's length (0 for an empty batch)."""
+        lengths = self.lengths
+        if isinstance(lengths, np.ndarray):
+            return int(lengths.max()) if len(lengths) else 0
+        return max(lengths, default=0)
 
 
 @dataclass
@@ -189,20 +201,26 @@ def _parse_small(rb: RawBatch, idx: np.ndarray | None, bad_chains: list[int]) ->
     lengths = rb.lengths.tolist()
     runs: list[MessageBatch] = []
     bad_messages = []
-    cur: MessageBatch | None = None
+    unpack = rp.unpack_header
+    hdr = rp.HDR_SIZE
+    run_dst = -1  # no address is negative: the first message starts a run
+    srcs: list[int] = []
+    starts: list[int] = []
+    plens: list[int] = []
     for i in (range(rb.count) if idx is None else idx.tolist()):
         o, n = offsets[i], lengths[i]
-        if n < rp.HDR_SIZE:
+        if n < hdr:
             bad_messages.append((i, _short_why(n)))
             continue
-        h = rp.decode_header(data[o : o + rp.HDR_SIZE])
-        if h.length > n - rp.HDR_SIZE:
-            bad_messages.append((i, _long_why(h.length, n)))
+        src, dst, _, length, _ = unpack(data, o)
+        if length > n - hdr:
+            bad_messages.append((i, _long_why(length, n)))
             continue
-        if cur is None or cur.dst != h.dst:
-            cur = MessageBatch(data, h.dst, [], [], [])
-            runs.append(cur)
-        cur.srcs.append(h.src)  # type: ignore[union-attr]
-        cur.offsets.append(o + rp.HDR_SIZE)  # type: ignore[union-attr]
-        cur.lengths.append(h.length)  # type: ignore[union-attr]
+        if dst != run_dst:
+            srcs, starts, plens = [], [], []
+            runs.append(MessageBatch(data, dst, srcs, starts, plens))
+            run_dst = dst
+        srcs.append(src)
+        starts.append(o + hdr)
+        plens.append(length)
     return Parsed(runs, bad_chains, bad_messages)

@@ -14,6 +14,10 @@ _HDR = struct.Struct("<IIIHH")  # src, dst, reserved, len, flags
 _NS = struct.Struct("<32sII")  # name, addr, flags
 
 HDR_SIZE = _HDR.size  # 16
+#: ``pack_header(src, dst, reserved, len, flags)``: no checks (callers check len)
+pack_header = _HDR.pack
+#: ``unpack_header(buf, offset)``: (src, dst, reserved, len, flags)
+unpack_header = _HDR.unpack_from
 BUF_SIZE = 512  # every buffer the Linux driver posts
 MAX_PAYLOAD = BUF_SIZE - HDR_SIZE  # 496
 NS_MSG_SIZE = _NS.size  # 40

@@ -65,11 +65,13 @@ class _DevicePort:
 
     def send_many(self, messages: list[tuple[int, bytes]]) -> None:
         dev = self._device
-        with dev.lock:
-            dev._queue_many(self.src, messages)
+        with dev.mutex:
+            nbytes = dev._queue_many(self.src, messages)
             # Counted once accepted and before the flush writes them and notifies the
             # guest: a count that lags what the guest already has would be wrong.
-            self._count(len(messages), sum(len(d) for _, d in messages))
+            stats = self._stats
+            stats["to_guest"] += len(messages)
+            stats["to_guest_bytes"] += nbytes
             dev.flush()
 
     async def asend(self, dst: int, data: bytes) -> None:
@@ -106,7 +108,11 @@ class RpmsgDevice(VirtioDevice):
         self.name_service = name_service
         self.stats: Counter[str] = Counter()
         #: held while the outbox or a session changes; waited on for rx buffers and room
-        self.lock = threading.Condition(threading.RLock())
+        #: (``wait``).  ``with device.mutex`` takes the same lock for less (a C-level
+        #: context manager) on the paths that run per message.
+        self.mutex = threading.RLock()
+        self.lock = threading.Condition(self.mutex)
+        self._waiters = 0
         self._rl = RateLimitedLog(log)
         self.ns = NameService(self.stats, self._rl)
         self.dispatcher = Dispatcher(self.stats, self._rl, queue_limit=handler_queue_limit)
@@ -182,17 +188,36 @@ class RpmsgDevice(VirtioDevice):
     def kicked(self, vring: Vring) -> None:
         if vring.index == TO_GUEST:
             self.flush()
-            with self.lock:
-                self.lock.notify_all()  # wake iterator-API writers waiting for a buffer
+            self.wake()  # iterator-API writers waiting for a buffer
+        elif self.auto_dispatch:
+            self._service_to_host(vring)
         else:
-            self._guest_sent(vring)
+            self.wake()  # readers blocked in the iterator API
 
     def _guest_sent(self, vring: Vring) -> None:
         if self.auto_dispatch:
             self._service_to_host(vring)
         else:
-            with self.lock:
-                self.lock.notify_all()  # wake readers blocked in the iterator API
+            self.wake()
+
+    def wait(self, timeout: float | None) -> None:
+        """Wait (holding ``lock``) until a ring or the outbox changes, or ``timeout``."""
+        self._waiters += 1
+        try:
+            self.lock.wait(timeout)
+        finally:
+            self._waiters -= 1
+
+    def wake(self) -> None:
+        """Wake whoever is in :meth:`wait`; nothing to do (and nothing paid) if nobody is.
+
+        A waiter counts itself while holding the lock, after its last look at the state
+        and before it sleeps, and we change the state before we read the count: so a
+        waiter we do not see has not looked yet, and will see the change.
+        """
+        if self._waiters:
+            with self.mutex:
+                self.lock.notify_all()
 
     def reset(self) -> None:
         self._guest_session_end("device reset")
@@ -231,7 +256,7 @@ class RpmsgDevice(VirtioDevice):
                 log.warning("%s: %d queued message(s) for the old guest discarded",
                             why, dropped)
             was = self.ns.end_session()
-            self.lock.notify_all()
+        self.wake()
         stale = self.dispatcher.discard_queued()
         if stale:
             # Their replies would reach a guest that never sent them.
@@ -285,8 +310,11 @@ class RpmsgDevice(VirtioDevice):
 
     def _service_to_host(self, vr: Vring) -> None:
         """Drain the to_host ring in batches: copy out, return buffers, dispatch."""
-        with vr.guarding() as q:
-            self._drain_to_host(vr, q)
+        try:
+            self._drain_to_host(vr, vr.queue)
+        except QueueBroken as e:  # what vr.guarding() does, without its two calls
+            vr.break_(str(e))
+            raise
 
     def _drain_to_host(self, vr: Vring, q: Queue) -> None:
         for _ in range(DRAIN_BUDGET):
@@ -295,7 +323,9 @@ class RpmsgDevice(VirtioDevice):
             with q.state.lock:
                 # Take no more guest messages than the outbox has room for: a handler
                 # answering each message once can then never overflow it.
-                room = min(BATCH, self.outbox.room())
+                room = self.outbox.room()
+                if room > BATCH:
+                    room = BATCH
                 if room <= 0:
                     self.outbox.to_host_paused = True
                     self.stats["to_host_paused"] += 1
@@ -345,7 +375,8 @@ class RpmsgDevice(VirtioDevice):
     def _dispatch(self, parsed: Parsed) -> None:
         """Hand each run of messages for one address to its endpoint."""
         for run in parsed.runs:
-            self.stats["to_host_messages"] += len(run)
+            # Counted before delivery: the handler's reply may reach the guest first.
+            self.stats["to_host_messages"] += len(run.srcs)
             if run.dst == rp.NS_ADDR:
                 for src, payload in run:
                     self.ns.from_guest(src, payload)
@@ -357,10 +388,13 @@ class RpmsgDevice(VirtioDevice):
     def _encode(self, src: int, dst: int, data: bytes) -> bytes:
         """The wire form of one message; refused before any ring sees it if too large."""
         if len(data) > rp.MAX_PAYLOAD:
-            self.stats["refused_too_large"] += 1
-            raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the guest's "
-                                  f"{rp.MAX_PAYLOAD}-byte limit")
+            self._too_large(len(data))
         return rp.encode_message(src, dst, bytes(data))
+
+    def _too_large(self, size: int) -> None:
+        self.stats["refused_too_large"] += 1
+        raise PayloadTooLarge(f"payload of {size} bytes exceeds the guest's "
+                              f"{rp.MAX_PAYLOAD}-byte limit")
 
     def send_nowait(self, src: int, dst: int, data: bytes) -> None:
         """Queue a message for the guest; WouldBlock if the outbox is full.
@@ -370,7 +404,7 @@ class RpmsgDevice(VirtioDevice):
         so WouldBlock means the guest really has no free rx buffer.
         """
         msg = self._encode(src, dst, data)
-        with self.lock:
+        with self.mutex:
             if not self.outbox.offer(msg):
                 self.flush()
                 if not self.outbox.offer(msg):
@@ -383,19 +417,29 @@ class RpmsgDevice(VirtioDevice):
     def send_many(self, src: int, messages: list[tuple[int, bytes]]) -> None:
         """Send several (dst, payload) messages from ``src``: one pass over the ring, one
         notification.  All or nothing: WouldBlock if they do not all fit the outbox."""
-        with self.lock:
+        with self.mutex:
             self._queue_many(src, messages)
             self.flush()
 
-    def _queue_many(self, src: int, messages: list[tuple[int, bytes]]) -> None:
-        """send_many up to its flush: all queued, or none (WouldBlock, PayloadTooLarge)."""
-        encoded = [self._encode(src, dst, data) for dst, data in messages]
-        with self.lock:
+    def _queue_many(self, src: int, messages: list[tuple[int, bytes]]) -> int:
+        """send_many up to its flush: all queued, or none (WouldBlock, PayloadTooLarge);
+        the payload bytes queued."""
+        encoded = []
+        nbytes = 0
+        pack = rp.pack_header
+        for dst, data in messages:
+            n = len(data)
+            if n > rp.MAX_PAYLOAD:
+                self._too_large(n)
+            nbytes += n
+            encoded.append(pack(src, dst, 0, n, 0) + bytes(data))
+        with self.mutex:
             if len(encoded) > self.outbox.room() and (len(self.outbox) or not self.ns.ready):
                 self.stats["would_block"] += 1
                 raise WouldBlock(f"{len(encoded)} messages do not fit the outbox "
                                  f"({len(self.outbox)} of {self.outbox.limit} used)")
             self.outbox.extend(encoded)
+        return nbytes
 
     def send(self, src: int, dst: int, data: bytes, timeout: float | None = None) -> None:
         """Blocking send for threads other than the device's loop."""
@@ -409,7 +453,7 @@ class RpmsgDevice(VirtioDevice):
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise
-                    self.lock.wait(left)
+                    self.wait(left)
 
     async def asend(self, src: int, dst: int, data: bytes) -> None:
         """Send, waiting on the device's loop while the outbox is full."""
@@ -441,19 +485,20 @@ class RpmsgDevice(VirtioDevice):
         if vr is None:
             return
         q = vr.queue
-        with self.lock:
+        with self.mutex:
             if not self.ns.ready or not vr.ready:
                 return
             try:
-                with q.state.lock, vr.guarding():
+                with q.state.lock:
                     wrote, more = self.outbox.fill(q)
                     vr.notify()
-            except QueueBroken:
-                # guarding() broke the ring (logged, err eventfd signalled): the guest's
-                # fault, not the sender's; what is queued waits for the ring's next setup
+            except QueueBroken as e:
+                # The guest's fault, not the sender's: the ring breaks (logged, err
+                # eventfd signalled); what is queued waits for the ring's next setup.
+                vr.break_(str(e))
                 return
-            if wrote:
-                self.lock.notify_all()
+        if wrote:
+            self.wake()
         if more:
             # As the to_host drain does: let every other peer of the loop have a turn.
             self.stats["to_guest_yields"] += 1

@@ -86,7 +86,7 @@ class Outbox:
         for _ in range(FILL_CALLS):
             if not out:
                 return wrote, False
-            batch = list(itertools.islice(out, BATCH))
+            batch = list(out) if len(out) <= BATCH else list(itertools.islice(out, BATCH))
             done = q.fill_rx(batch)
             for head, kind, detail, m in done.refused:
                 self._refused(head, kind, detail, len(batch[m]))
@@ -95,8 +95,11 @@ class Outbox:
                 # our notification), so the count never lags behind.
                 self._stats["to_guest_messages"] += done.written
                 wrote += done.written
-                for _ in range(done.written):
-                    out.popleft()
+                if done.written == len(out):
+                    out.clear()
+                else:
+                    for _ in range(done.written):
+                        out.popleft()
             elif not done.refused:  # no chain at all
                 if done.exhausted and q.enable_kicks():
                     continue  # buffers raced in

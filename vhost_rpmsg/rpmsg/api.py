@@ -178,7 +178,7 @@ class VhostRpmsg:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise WouldBlock(f"no buffer on queue {it.qid}")
-                cond.wait(left)
+                dev.wait(left)
         except BaseException:
             cond.release()
             raise

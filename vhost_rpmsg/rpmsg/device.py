@@ -209,14 +209,15 @@ class RpmsgDevice(VirtioDevice):
             self._waiters -= 1
 
     def wake(self) -> None:
-        """Wake whoever is in :meth:`wait`; nothing to do (and nothing paid) if nobody is.
+        """Wake whoever is in :meth:`wait`; no Condition.notify_all (five Python calls)
+        when nobody is.
 
-        A waiter counts itself while holding the lock, after its last look at the state
-        and before it sleeps, and we change the state before we read the count: so a
-        waiter we do not see has not looked yet, and will see the change.
+        The count is read under the lock, after the change: a waiter holds the lock from
+        its last look at the state until it sleeps (counted), so either it looks after
+        the change or we see it counted.
         """
-        if self._waiters:
-            with self.mutex:
+        with self.mutex:
+            if self._waiters:
                 self.lock.notify_all()
 
     def reset(self) -> None:

@@ -26,6 +26,7 @@ from setuptools.command.sdist import sdist
 CEXT_FILES = ["cext/_build_common.py", "cext/ring_primitives.h",
               "cext/build_vring.py", "cext/vring.c", "cext/vring.h",
               "cext/build_rpmsg.py", "cext/rpmsg_headers.c", "cext/rpmsg_headers.h",
+              "cext/datagrams.c",
               "cext/build_guest.py", "cext/guest_ring.c", "cext/guest_ring.h"]
 
 SIMULATOR_C = "_vhost_rpmsg_guest"

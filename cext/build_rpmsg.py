@@ -1,4 +1,5 @@
-"""cffi (API mode) build of the rpmsg header check: ``_vhost_rpmsg_headers``.
+"""cffi (API mode) build of the rpmsg header check and the fd endpoints' batch writer:
+``_vhost_rpmsg_headers``.
 
 Built by ``pip install .`` through ``setup.py``'s ``cffi_modules``.  The module is
 top-level, not inside ``vhost_rpmsg``: installed into site-packages, it is found
@@ -28,8 +29,8 @@ HEADER = "rpmsg_headers.h"
 
 
 def make_ffi(absolute: bool = False) -> FFI:
-    return _build_common.make_ffi(MODULE, HEADER, ["rpmsg_headers.c"], ["ring_primitives.h"],
-                                  absolute)
+    return _build_common.make_ffi(MODULE, HEADER, ["rpmsg_headers.c", "datagrams.c"],
+                                  ["ring_primitives.h"], absolute)
 
 
 ffibuilder = make_ffi()

@@ -1,5 +1,6 @@
 /*
- * rpmsg_headers.h - the rpmsg step of the guest->host hot path, in C.
+ * rpmsg_headers.h - the rpmsg steps of the guest->host hot path, in C: the header check
+ * (rpmsg_headers.c) and the fd endpoints' batch writer (datagrams.c).
  *
  * Apart from the ring engine (vring.c knows nothing of rpmsg): it takes the header array
  * the engine cut out of a raw batch (Queue.split_headers: the first 16 bytes of every
@@ -29,6 +30,18 @@
  */
 int64_t rp_check_headers(const uint8_t *headers, const int64_t *offsets,
                          const int64_t *lengths, int64_t n, int64_t *out);
+
+/*
+ * Send messages 0..n-1 to the SOCK_SEQPACKET socket fd without blocking, one datagram
+ * each, in order: datagram i is data[offsets[i], +lengths[i]), after a 4-byte
+ * little-endian addrs[i] when addrs is not NULL.  Stops at the first datagram the socket
+ * does not take now.  Returns how many were sent; -errno if the first could not be sent
+ * for another reason than a full socket; -EINVAL (nothing sent) if a datagram does not
+ * lie inside data[0, data_len) or an address does not fit 32 bits.
+ */
+int64_t rp_send_datagrams(int fd, const uint8_t *data, int64_t data_len,
+                          const int64_t *offsets, const int64_t *lengths,
+                          const int64_t *addrs, int64_t n);
 /* cffi:end */
 
 #endif

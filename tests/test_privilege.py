@@ -314,6 +314,8 @@ def control_session(control: str, guest_path: str, index: int | None = None) -> 
                 assert g.wait_channel("held").addr == ep.addr
                 g.send(3600, ep.addr, b"to the process")
                 assert ep.recv() == (None, b"to the process")
+                g.send_burst(3600, ep.addr, b"burst", 20)  # a batch: the C writer, sendmmsg
+                assert [ep.recv() for _ in range(20)] == [(None, b"burst")] * 20
                 ep.send(b"to the guest")
                 assert g.recv(3600) == (ep.addr, b"to the guest")
             wait_until(lambda: all(e["addr"] != ep.addr for e in ctl.endpoints(index)))

@@ -223,8 +223,8 @@ SYSCALLS: tuple[str, ...] = (
     "getsockname", "readlink", "readlinkat",
     # the control socket (SO_PEERCRED of a client, endpoint fds sent with SCM_RIGHTS),
     # hang-up checks of SEQPACKET peers (poll), the metrics exporter's thread (its
-    # selector, the end of a response)
-    "getsockopt", "sendmsg", "poll", "ppoll", "shutdown",
+    # selector, the end of a response), batches to fd endpoints (sendmmsg, datagrams.c)
+    "getsockopt", "sendmsg", "sendmmsg", "poll", "ppoll", "shutdown",
     # files read late (a module imported by a handler, source lines for a traceback):
     # openat is below, read-only; getdents64 (a directory listing of the import system)
     # not seen here only because nobody could not list this host's /root

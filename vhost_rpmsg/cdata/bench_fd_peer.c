@@ -84,24 +84,32 @@ static int sink(int fd, unsigned long n, unsigned long ack)
 	unsigned long count = 0, bytes = 0;
 	struct pollfd p = { .fd = fd, .events = POLLIN };
 
+	int waiting = 1; /* poll first; after a datagram, read on until the socket is empty */
+
 	while (count < n) {
 		ssize_t r;
-		int ready = poll(&p, 1, IDLE_MS);
 
-		if (ready < 0 && errno == EINTR)
-			continue;
-		if (ready <= 0) {
-			fprintf(stderr, "bench_fd_peer: sink: %s after %lu of %lu datagrams\n",
-				ready ? strerror(errno) : "nothing for 10 s", count, n);
-			break;
+		if (waiting) {
+			int ready = poll(&p, 1, IDLE_MS);
+
+			if (ready < 0 && errno == EINTR)
+				continue;
+			if (ready <= 0) {
+				fprintf(stderr, "bench_fd_peer: sink: %s after %lu of %lu datagrams\n",
+					ready ? strerror(errno) : "nothing for 10 s", count, n);
+				break;
+			}
 		}
 		r = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
 		if (r < 0) {
-			if (errno == EINTR || errno == EAGAIN)
+			if (errno == EINTR || errno == EAGAIN) {
+				waiting = errno == EAGAIN;
 				continue;
+			}
 			perror("bench_fd_peer: sink: recv");
 			break;
 		}
+		waiting = 0;
 		if (r == 0 && hung_up(fd)) {
 			fprintf(stderr, "bench_fd_peer: sink: hung up after %lu of %lu datagrams\n",
 				count, n);

@@ -63,13 +63,18 @@ class FdEndpoint(Endpoint):
     # -- guest → process --------------------------------------------------------------
 
     def on_message_batch(self, batch: MessageBatch) -> None:
-        send = self.peer.send
-        if self.addressed:
-            for src, data in batch:
-                send(_ADDR.pack(src) + data)
-        else:
-            for _, data in batch:
-                send(data)
+        peer = self.peer
+        done = peer.send_batch(batch, self.addressed)
+        if done < len(batch.srcs):  # the socket is full, or there is no C writer
+            send = peer.send
+            rest = batch.pairs()[done:]
+            if self.addressed:
+                for src, data in rest:
+                    send(_ADDR.pack(src) + data)
+            else:
+                for _, data in rest:
+                    send(data)
+        if not self.addressed:
             self._last_src = int(batch.srcs[-1])
 
     def on_message(self, src: int, data: bytes) -> None:

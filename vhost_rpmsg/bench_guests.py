@@ -1,13 +1,15 @@
-"""``vhost-rpmsg bench --guests N,…``: how one server process scales with guests.
+"""``vhost-rpmsg bench --guests N,… [--workers K]``: how a server scales with guests.
 
 For each N: one server process with N vhost-user sockets (each its own device, as
-``serve --socket-count N``) and N simulated guests, each its own process, each
+``serve --socket-count N``), or K of them with socket i in process i mod K (as
+``serve --workers K``), and N simulated guests, each its own process, each
 flooding its own sink with the same number of messages at the same moment.  A round
 is timed from the start signal until the last guest's final sync has come back;
 every guest also times itself.  Each N runs ``repeat`` rounds (the median round is
 reported, with the spread).  Figures per N: aggregate msgs/s (all guests' messages
 over the round), per-guest msgs/s (the slowest guest's own rate, and the mean), the
-backend's CPU share over the round, and its RSS once the guests are connected.
+backend's CPU share over the round (all its processes, in cores), and its RSS once the
+guests are connected (summed over its processes).
 
 Two targets, both ratios within the run: per-guest rate at the largest N over the rate
 at N = 1 must be at least 1/N (no super-linear cost: the aggregate does not fall),
@@ -37,6 +39,7 @@ from .bench import (
     spread,
     stop_process,
 )
+from .workers import assign
 
 #: RSS a guest beyond the first may add, MB (performance issue)
 RSS_PER_GUEST_MB = 10.0
@@ -68,6 +71,7 @@ class Scale:
 @dataclass
 class ScaleReport:
     engine: str
+    workers: int = 1
     scales: list[Scale] = field(default_factory=list)
 
     def figures(self) -> dict[str, float]:
@@ -86,7 +90,7 @@ class ScaleReport:
         return out
 
     def as_json(self) -> dict[str, Any]:
-        return {"engine": self.engine,
+        return {"engine": self.engine, "workers": self.workers,
                 "scales": [asdict(s) | {"msgs_per_s": s.msgs_per_s, "spread": s.spread}
                            for s in self.scales],
                 "figures": self.figures()}
@@ -123,18 +127,25 @@ def _guest_main(path: str, size: int, messages: int, conn: Any) -> None:
             conn.send((t0, t1))
 
 
-def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat) -> Scale:
+def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat,
+         workers: int = 1) -> Scale:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="vhost-rpmsg-bench-guests-") as tmp:
         paths = [os.path.join(tmp, f"g{i}.sock") for i in range(n)]
-        ready = ctx.Event()
-        server = ctx.Process(target=_server_main, args=(paths, engine, ready), daemon=True)
-        server.start()
+        readies = [ctx.Event() for _ in range(workers)]
+        servers = [ctx.Process(target=_server_main, args=([paths[i] for i in mine], engine,
+                                                           ready), daemon=True)
+                   for mine, ready in zip(assign(n, workers), readies, strict=True)]
+        for server in servers:
+            server.start()
         guests: list[Any] = []
+
+        def cpu_now() -> float:
+            return sum(_cpu_seconds(s.pid) for s in servers)
+
         try:
-            if not ready.wait(30):
+            if not all(ready.wait(30) for ready in readies):
                 raise RuntimeError(f"bench server ({engine}, {n} sockets) did not start")
-            assert server.pid is not None
             for p in paths:
                 ours, theirs = ctx.Pipe()
                 proc = ctx.Process(target=_guest_main, args=(p, size, messages, theirs),
@@ -151,7 +162,7 @@ def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat) -> Scale
                 # The CPU readings lie within the wall window they are divided by: the
                 # window runs from before the first "go" to after the last reply.
                 w0 = time.monotonic()
-                c0 = _cpu_seconds(server.pid)
+                c0 = cpu_now()
                 for _, conn in guests:
                     conn.send("go")
                 spans = []
@@ -159,13 +170,16 @@ def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat) -> Scale
                     if not conn.poll(300):
                         raise RuntimeError(f"bench guest stalled (exit {proc.exitcode})")
                     spans.append(conn.recv())  # EOFError if it died
-                c1 = _cpu_seconds(server.pid)
+                c1 = cpu_now()
                 cpu_wall = time.monotonic() - w0
                 wall = max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans)
                 rounds.append((wall, [messages / (t1 - t0) for t0, t1 in spans],
                                (c1 - c0) / cpu_wall))
                 total += wall
-            rss = _peak_rss_mb(server.pid, "VmRSS")
+            rss = 0.0
+            for server in servers:
+                assert server.pid is not None
+                rss += _peak_rss_mb(server.pid, "VmRSS")
             for _, conn in guests:
                 conn.send("stop")
         finally:
@@ -173,7 +187,8 @@ def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat) -> Scale
                 conn.close()  # a guest waiting for its next order reads EOF and ends
             for proc, _ in guests:
                 stop_process(proc, terminate=False)
-            stop_process(server)
+            for server in servers:
+                stop_process(server)
     rates = [n * messages / r[0] for r in rounds]
     wall, per_guest, cpu = rounds[median_index(rates)]
     return Scale(n, messages, size, wall, min(per_guest), sum(per_guest) / n, cpu, rss,
@@ -182,20 +197,22 @@ def _one(engine: str, n: int, size: int, messages: int, repeat: Repeat) -> Scale
 
 def run(engine: str, counts: list[int], size: int, messages: int,
         progress: Callable[[str], None] = lambda s: None,
-        repeat: Repeat = DEFAULT_REPEAT) -> ScaleReport:
+        repeat: Repeat = DEFAULT_REPEAT, workers: int = 1) -> ScaleReport:
     """Every N of ``counts``, one after another, each with a fresh server."""
-    report = ScaleReport(engine)
+    report = ScaleReport(engine, workers)
     for n in counts:
         progress(f"{engine} engine: {n} guest{'s' if n > 1 else ''}, {messages:,} x {size} B "
-                 "each")
-        report.scales.append(_one(engine, n, size, messages, repeat))
+                 f"each, {workers} server process{'es' if workers > 1 else ''}")
+        report.scales.append(_one(engine, n, size, messages, repeat, workers))
     return report
 
 
 def render(report: ScaleReport) -> list[Any]:
     from rich.table import Table
 
-    t = Table(title=f"vhost-rpmsg bench --guests: one server process, {report.engine} "
+    procs = ("one server process" if report.workers == 1
+             else f"{report.workers} server processes (--workers)")
+    t = Table(title=f"vhost-rpmsg bench --guests: {procs}, {report.engine} "
                     "engine (median round)")
     for col in ("guests", "bytes", "aggregate msgs/s", "rounds", "spread",
                 "slowest guest msgs/s", "mean guest msgs/s", "backend CPU", "backend RSS"):

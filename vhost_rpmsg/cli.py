@@ -54,6 +54,8 @@ from .vhost_user.server import (
     parse_mode,
 )
 from .virtio.engines import EngineUnavailable, QueueFactory, engine_name, queue_factory
+from .workers import Share, assign
+from .workers import run as run_workers
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -176,6 +178,10 @@ def serve(
         help="members of this group may use the control socket too")] = None,
     metrics: Annotated[str | None, typer.Option(
         help="serve Prometheus metrics on [HOST:]PORT (loopback by default)")] = None,
+    workers: Annotated[int, typer.Option(
+        help="processes to spread the --socket-count sockets over (socket i to worker "
+             "i mod K); with K > 1 each socket has its own control socket, PATH.ctl "
+             "next to it (docs/performance.md)")] = 1,
     engine: EngineOpt = "auto",
     log_level: LogLevel = "info",
 ) -> None:
@@ -202,6 +208,12 @@ def serve(
                                  param_hint="--socket-count")
     if outbox < 0:
         raise typer.BadParameter(f"{outbox}: cannot be negative", param_hint="--outbox")
+    if not 1 <= workers <= socket_count:
+        raise typer.BadParameter(f"{workers}: between 1 and --socket-count ({socket_count}); "
+                                 "a worker serves at least one socket", param_hint="--workers")
+    if workers > 1 and metrics is not None:
+        raise click.exceptions.UsageError("--metrics serves one process: not with --workers "
+                                          "(read each socket's stats on its control socket)")
     mode = _socket_mode(socket_mode)
     factory = _queue_factory(engine)
     try:
@@ -216,6 +228,11 @@ def serve(
     control_path = None if no_control else (
         control if control is not None else
         default_control_path(socket_path) if socket_path is not None else None)
+    # One control socket for the process; with workers, one per guest socket (each
+    # worker answers for its own): PATH.ctl next to each, or --control with the index.
+    control_paths = [] if control_path is None else [control_path] if workers == 1 else [
+        f"{control}{i}" if control is not None else default_control_path(p)
+        for i, p in enumerate(paths)]
     if control_group is not None and control_path is None:
         raise click.exceptions.UsageError("--control-group needs a control socket (with "
                                           "--fd, give --control PATH)")
@@ -224,29 +241,27 @@ def serve(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--metrics") from None
     _check_paths([(p, "--socket-path") for p in paths]
-                 + ([(control_path, "--control")] if control_path is not None else [])
+                 + [(c, "--control") for c in control_paths]
                  + [(ep.path, f"--endpoint {ep.plugin}@{ep.addr}")
                     for eps in sets for ep in eps if isinstance(ep, UnixBridge)])
     # Checked: now create.  Anything that still fails (a race) is undone before exiting.
     socks: list[socket.socket] = [_inherited_listener(fd)] if fd is not None else []
     devices: list[RpmsgDevice] = []
-    ctl: ControlServer | None = None
+    ctls: list[ControlServer] = []
     metrics_server: MetricsServer | None = None
     try:
         socks += [listen_unix(p, mode) for p in paths]
         devices += [RpmsgDevice(eps, outbox_limit=outbox) for eps in sets]  # bridges bind
-        if control_path is not None:
-            ctl = ControlServer(control_path, [], group=control_group)
-            ctl.bind()
+        for cpath in control_paths:
+            ctls.append(ControlServer(cpath, [], group=control_group))
+            ctls[-1].bind()
         if metrics_at is not None:  # its thread exists before the sandbox is entered
             metrics_server = MetricsServer(metrics_at)
-        enter(sandbox, [s for s in socks if isinstance(s, UnixListener)]
-              + ([ctl.listener] if ctl is not None and ctl.listener is not None else [])
-              + [ep.listener for eps in sets for ep in eps
-                 if isinstance(ep, UnixBridge) and ep.listener is not None])
+        if workers == 1:  # else each worker enters it after the fork
+            enter(sandbox, _listeners(socks, ctls, sets))
     except (OSError, ValueError, SandboxError) as e:
         _release(ep for eps in sets for ep in eps)
-        if ctl is not None:
+        for ctl in ctls:
             ctl.close()
         if metrics_server is not None:
             metrics_server.close()
@@ -255,16 +270,45 @@ def serve(
                 sock.remove_path()
             sock.close()
         _fail(str(e))
-    servers: list[VhostUserServer] = []
-    for sock, device in zip(socks, devices, strict=True):
-        servers.append(VhostUserServer(device, sock, queue_factory=factory,
-                                       allow_unsealed_memory=allow_unsealed_memory))
-    for s, device in zip(servers, devices, strict=True):
-        eps = ", ".join(ep.describe() for ep in device.endpoints.values())
-        log.info("%s: engine %s, endpoints: %s", s.name, engine_name(factory), eps)
-    if ctl is not None:
-        ctl.servers = servers
-    asyncio.run(_serve_until_signal(servers, devices, ctl, metrics_server))
+
+    def serve_sockets(mine: list[int]) -> None:
+        servers = [VhostUserServer(devices[i], socks[i], queue_factory=factory,
+                                   allow_unsealed_memory=allow_unsealed_memory)
+                   for i in mine]
+        for s, i in zip(servers, mine, strict=True):
+            eps = ", ".join(ep.describe() for ep in devices[i].endpoints.values())
+            log.info("%s: engine %s, endpoints: %s", s.name, engine_name(factory), eps)
+        mine_ctls = ctls if workers == 1 else [ctls[i] for i in mine]
+        for j, ctl in enumerate(mine_ctls):
+            ctl.servers = servers if workers == 1 else [servers[j]]
+        asyncio.run(_serve_until_signal(servers, [devices[i] for i in mine], mine_ctls,
+                                        metrics_server))
+
+    if workers == 1:
+        serve_sockets(list(range(len(socks))))
+        return
+
+    def work(share: Share) -> None:
+        enter(sandbox, share.listeners)
+        serve_sockets(share.sockets)
+
+    shares = [Share(w, mine, _listeners([socks[i] for i in mine],
+                                        [ctls[i] for i in mine] if ctls else [],
+                                        [sets[i] for i in mine]))
+              for w, mine in enumerate(assign(len(socks), workers))]
+    status = run_workers(shares, work)
+    if status:
+        raise typer.Exit(status)
+
+
+def _listeners(socks: Iterable[socket.socket], ctls: Iterable[ControlServer],
+               sets: Iterable[list[Endpoint]]) -> list[UnixListener]:
+    """Every socket file of these guest sockets: theirs, their control sockets', their
+    unix bridges' (what --user hands over, and what a worker owns)."""
+    return ([s for s in socks if isinstance(s, UnixListener)]
+            + [c.listener for c in ctls if c.listener is not None]
+            + [ep.listener for eps in sets for ep in eps
+               if isinstance(ep, UnixBridge) and ep.listener is not None])
 
 
 def _release(endpoints: Iterable[Endpoint]) -> None:
@@ -360,7 +404,7 @@ def _binary() -> str:
 
 
 async def _serve_until_signal(servers: list[VhostUserServer], devices: list[RpmsgDevice],
-                              ctl: ControlServer | None = None,
+                              ctls: list[ControlServer] | None = None,
                               metrics: MetricsServer | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -368,14 +412,14 @@ async def _serve_until_signal(servers: list[VhostUserServer], devices: list[Rpms
         loop.add_signal_handler(sig, stop.set)
     for s in servers:
         s.start(loop)
-    if ctl is not None:
+    for ctl in ctls or ():
         ctl.start()
     if metrics is not None:
         started = time.monotonic()
         metrics.attach(lambda: snapshot(servers, started), loop)
     await stop.wait()
     log.info("stopping")
-    if ctl is not None:
+    for ctl in ctls or ():
         ctl.close()
     for s in servers:
         s.close()
@@ -627,6 +671,9 @@ def bench(
         help="instead of the cases: scaling with guests, e.g. 1,2,4,8 — one server, "
              "N sockets, N guests each flooding a sink with --messages of the largest "
              "--sizes")] = None,
+    workers: Annotated[int, typer.Option(
+        help="with --guests: the N sockets spread over this many server processes, as "
+             "serve --workers does")] = 1,
     log_level: LogLevel = "warning",
 ) -> None:
     """Measure throughput and latency: server and simulated guest as separate processes."""
@@ -654,6 +701,12 @@ def bench(
         if not counts or any(not 1 <= n <= 64 for n in counts):
             raise typer.BadParameter(f"{guests!r}: guest counts are 1..64, comma-separated",
                                      param_hint="--guests")
+    if workers != 1 and not counts:
+        raise click.exceptions.UsageError("--workers measures scaling: give --guests too")
+    if workers < 1 or any(n < workers for n in counts):
+        raise typer.BadParameter(f"{workers}: between 1 and the smallest --guests count "
+                                 "(a worker serves at least one socket)",
+                                 param_hint="--workers")
     # Progress goes to stderr: a line per step (also where no terminal shows the live
     # spinner, e.g. in CI logs), the tables to stdout at the end.
     err = Console(stderr=True)
@@ -672,7 +725,7 @@ def bench(
             from . import bench_guests as bg
 
             scaled = [bg.run(e, counts, max(size_list), messages, progress=step,
-                             repeat=repeat) for e in wanted]
+                             repeat=repeat, workers=workers) for e in wanted]
         else:
             report = b.run(wanted, size_list, messages, samples, progress=step, pin=pin,
                            repeat=repeat)

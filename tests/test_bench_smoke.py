@@ -63,4 +63,19 @@ def test_bench_guests_smoke() -> None:
     f = report.figures()
     assert f["guests"] == 2 and f["per_guest_goal"] == 0.5
     assert f["per_guest_ratio"] > 0
-    assert set(json.loads(json.dumps(report.as_json()))) == {"engine", "scales", "figures"}
+    assert set(json.loads(json.dumps(report.as_json()))) == {"engine", "workers", "scales",
+                                                             "figures"}
+
+
+def test_bench_guests_with_workers_counts_every_server_process() -> None:
+    """``bench --guests 2 --workers 2``: two server processes, one socket each; the
+    backend's RSS is both processes' (each about a full server's)."""
+    engine = available_engines()[0]
+    one = bench_guests.run(engine, [2], size=496, messages=5_000,
+                           repeat=bench.Repeat(runs=1, seconds=0))
+    two = bench_guests.run(engine, [2], size=496, messages=5_000,
+                           repeat=bench.Repeat(runs=1, seconds=0), workers=2)
+    assert two.workers == 2 and two.as_json()["workers"] == 2
+    s1, s2 = one.scales[0], two.scales[0]
+    assert s2.guests == 2 and s2.slowest_guest_msgs_per_s > 0 and s2.backend_cpu > 0
+    assert s2.backend_rss_mb > 1.5 * s1.backend_rss_mb  # two interpreters, not one

@@ -170,7 +170,9 @@ def test_directory_not_writable(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [["--guests", "0"], ["--guests", "two"], ["--guests", ","],
-                                  ["--repeats", "0"], ["--min-seconds", "-1"]],
+                                  ["--repeats", "0"], ["--min-seconds", "-1"],
+                                  ["--workers", "2"], ["--workers", "0", "--guests", "1"],
+                                  ["--workers", "3", "--guests", "2,4"]],
                          ids=lambda a: " ".join(a))
 def test_bad_bench_arguments_are_one_error_line(tmp_path: Path, args: list[str]) -> None:
     out = _run(["bench", *args], tmp_path)

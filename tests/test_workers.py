@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,60 @@ def test_workers_enter_the_sandbox_themselves(tmp_path: Path) -> None:
             status = Path(f"/proc/{pid}/status").read_text()
             assert "\nSeccomp:\t2\n" in status
         assert "\nSeccomp:\t0\n" in Path(f"/proc/{proc.pid}/status").read_text()
+
+
+def test_without_control_sockets_the_workers_serve(tmp_path: Path) -> None:
+    paths = [tmp_path / f"g{i}" for i in range(2)]
+    with serving([*CLI, "serve", "-s", str(tmp_path / "g"), "--socket-count", "2",
+                  "--workers", "2", "--no-control"], paths[-1]):
+        for i, p in enumerate(paths):
+            _echo(p, b"no control %d" % i)
+        assert not any(tmp_path.glob("*.ctl"))
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_a_stop_at_once_after_the_start_stops_every_worker(tmp_path: Path,
+                                                           attempt: int) -> None:
+    """SIGTERM the moment the socket files exist, while the workers are being forked
+    and set up: however it falls, every worker stops and ``serve`` exits 0."""
+    paths = [tmp_path / f"g{i}" for i in range(3)]
+    proc = subprocess.Popen([*CLI, "serve", "-s", str(tmp_path / "g"), "--socket-count",
+                             "3", "--workers", "3"], stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: paths[-1].exists() or proc.poll() is not None, timeout=30)
+        time.sleep(attempt * 0.002)  # a little later each attempt
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, proc.stderr.read().decode() if proc.stderr else code
+    assert not any(p.exists() for p in paths)
+
+
+def test_workers_end_with_their_supervisor(tmp_path: Path) -> None:
+    """kill -9 of the supervisor: each worker hears SIGTERM (PR_SET_PDEATHSIG), stops
+    and removes its socket files, so a new serve can take the paths."""
+    paths = [tmp_path / f"g{i}" for i in range(2)]
+    proc = subprocess.Popen([*CLI, "serve", "-s", str(tmp_path / "g"), "--socket-count",
+                             "2", "--workers", "2"], stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: all(Path(f"{p}.ctl").exists() for p in paths))
+        workers = [_server_pid(Path(f"{p}.ctl")) for p in paths]
+        proc.kill()
+        proc.wait()
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists()
+                                   and "State:\tZ" not in _status(pid) for pid in workers))
+        wait_until(lambda: not any(p.exists() for p in paths))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""

@@ -54,7 +54,7 @@ from .vhost_user.server import (
     parse_mode,
 )
 from .virtio.engines import EngineUnavailable, QueueFactory, engine_name, queue_factory
-from .workers import Share, assign
+from .workers import Share, assign, end_with_parent, unblock_stop_signals
 from .workers import run as run_workers
 
 
@@ -278,7 +278,7 @@ def serve(
         for s, i in zip(servers, mine, strict=True):
             eps = ", ".join(ep.describe() for ep in devices[i].endpoints.values())
             log.info("%s: engine %s, endpoints: %s", s.name, engine_name(factory), eps)
-        mine_ctls = ctls if workers == 1 else [ctls[i] for i in mine]
+        mine_ctls = ctls if workers == 1 or not ctls else [ctls[i] for i in mine]
         for j, ctl in enumerate(mine_ctls):
             ctl.servers = servers if workers == 1 else [servers[j]]
         asyncio.run(_serve_until_signal(servers, [devices[i] for i in mine], mine_ctls,
@@ -289,7 +289,7 @@ def serve(
         return
 
     def work(share: Share) -> None:
-        enter(sandbox, share.listeners)
+        enter(sandbox, share.listeners, lambda: end_with_parent(share.supervisor))
         serve_sockets(share.sockets)
 
     shares = [Share(w, mine, _listeners([socks[i] for i in mine],
@@ -410,6 +410,7 @@ async def _serve_until_signal(servers: list[VhostUserServer], devices: list[Rpms
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    unblock_stop_signals()  # a worker's: pending since its fork, now the loop's to handle
     for s in servers:
         s.start(loop)
     for ctl in ctls or ():

@@ -19,7 +19,7 @@ import os
 import platform
 import pwd
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .vhost_user.server import UnixListener
@@ -445,14 +445,18 @@ def plan(user: str | None, group: str | None, seccomp: str | None,
     return Plan(ident, seccomp, names)
 
 
-def enter(p: Plan, listeners: Iterable[UnixListener]) -> None:
+def enter(p: Plan, listeners: Iterable[UnixListener],
+          before_filter: Callable[[], None] | None = None) -> None:
     """Apply ``p``: the socket files to the user, the user, then the filter (last, so
-    that changing user needs no call of its own in the allowlist)."""
+    that changing user needs no call of its own in the allowlist).  ``before_filter``
+    runs between the two: as the new user, still able to make any call."""
     if p.identity is not None:
         hand_over(listeners, p.identity)
         drop_privileges(p.identity)
         log.info("running as %s; groups %s", p.identity.describe(),
                  ",".join(map(str, p.identity.groups)))
+    if before_filter is not None:
+        before_filter()
     if p.seccomp is not None:
         rules = install_filter(p.seccomp, p.allow)
         what = {"kill": "kill the process", "eperm": "fail with EPERM",

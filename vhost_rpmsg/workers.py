@@ -21,6 +21,7 @@ manager, which restarts the whole ``serve``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -34,6 +35,11 @@ from .vhost_user.server import UnixListener
 
 log = logging.getLogger(__name__)
 
+#: what the supervisor forwards; blocked from before each fork until a worker's loop
+#: has its own handlers (``unblock_stop_signals``), so a worker never loses one
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_PR_SET_PDEATHSIG = 1
+
 
 @dataclass
 class Share:
@@ -44,6 +50,8 @@ class Share:
     #: vhost-user listeners, control sockets, unix bridges: closed in the other
     #: processes, removed by the parent if the worker dies without removing them
     listeners: list[UnixListener] = field(default_factory=list)
+    #: the supervisor's pid (set by :func:`run`): see :func:`end_with_parent`
+    supervisor: int = 0
 
 
 def assign(sockets: int, workers: int) -> list[list[int]]:
@@ -61,37 +69,65 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
+def unblock_stop_signals() -> None:
+    """A worker's loop has its handlers: let the stop signals through (no-op elsewhere)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def run(shares: list[Share], work: Callable[[Share], None]) -> int:
     """Fork a worker per share that runs ``work`` (it returns when its loop stops),
-    supervise them until all have ended; the exit status for ``serve``."""
+    supervise them until all have ended; the exit status for ``serve``.
+
+    ``work`` must call :func:`unblock_stop_signals` once its loop handles SIGTERM and
+    SIGINT: until then they stay pending in the worker, never lost, never fatal.
+    """
     pids: dict[int, Share] = {}
     stopping = False
+    parent = os.getpid()
+    for share in shares:
+        share.supervisor = parent
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
+        if os.getpid() != parent:  # a copy of this handler in a worker: not for it
+            return
         stopping = True
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        _signal_all(pids)
 
-    # Before the first fork: a signal that comes between two forks is not lost.
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    # Blocked in this thread across the forks: a child starts with them blocked (its
+    # only thread is a copy of this one).  One that reaches another thread of ours
+    # still runs ``stop`` here, between two bytecodes: hence the check after the loop.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        for share in shares:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                _worker(share, shares, work, old)  # never returns
-            pids[pid] = share
-            log.info("worker %d (pid %d): guest socket%s %s", share.worker, pid,
-                     "s" if len(share.sockets) > 1 else "",
-                     ", ".join(map(str, share.sockets)))
+        try:
+            for share in shares:
+                if stopping:
+                    break
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    _worker(share, shares, work, old, parent)  # never returns
+                pids[pid] = share
+                log.info("worker %d (pid %d): guest socket%s %s", share.worker, pid,
+                         "s" if len(share.sockets) > 1 else "",
+                         ", ".join(map(str, share.sockets)))
+        except BaseException:
+            _signal_all(pids)  # a fork failed: no worker is left behind
+            for pid in pids:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            raise
+        if stopping:  # a stop came while we forked: the workers it missed hear it now
+            _signal_all(pids)
         for share in shares:  # the parent serves nothing
             for listener in share.listeners:
                 listener.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return _supervise(pids, lambda: stopping)
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for s, handler in old.items():
             signal.signal(s, handler)
         for share in shares:
@@ -99,8 +135,26 @@ def run(shares: list[Share], work: Callable[[Share], None]) -> int:
                 listener.remove_path()  # what a worker did not remove (inode-checked)
 
 
+def _signal_all(pids: dict[int, Share]) -> None:
+    for pid in list(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def end_with_parent(parent: int) -> None:
+    """SIGTERM this worker when the supervisor dies (even of SIGKILL), and end now if
+    it already has.  Called as the worker's final user (a change of user clears it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG): %s; this worker would outlive its "
+                    "supervisor", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:
+        raise SystemExit(0)
+
+
 def _worker(share: Share, shares: list[Share], work: Callable[[Share], None],
-            handlers: dict[signal.Signals, Any]) -> None:
+            handlers: dict[signal.Signals, Any], parent: int) -> None:
     """The child: back to the parent's signal handlers (the loop installs its own), the
     others' sockets closed, a log prefix, then ``work``; exits, never returns."""
     code = 1
@@ -115,7 +169,7 @@ def _worker(share: Share, shares: list[Share], work: Callable[[Share], None],
         work(share)
         code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     except BaseException:
         log.exception("worker %d failed", share.worker)
     finally:

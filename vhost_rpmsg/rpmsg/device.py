@@ -429,11 +429,12 @@ class RpmsgDevice(VirtioDevice):
         nbytes = 0
         pack = rp.pack_header
         for dst, data in messages:
+            data = bytes(data)  # the same object for bytes; len() then counts bytes
             n = len(data)
             if n > rp.MAX_PAYLOAD:
                 self._too_large(n)
             nbytes += n
-            encoded.append(pack(src, dst, 0, n, 0) + bytes(data))
+            encoded.append(pack(src, dst, 0, n, 0) + data)
         with self.mutex:
             if len(encoded) > self.outbox.room() and (len(self.outbox) or not self.ns.ready):
                 self.stats["would_block"] += 1

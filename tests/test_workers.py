@@ -7,11 +7,13 @@ control client on each socket's control socket.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,24 @@ def _server_pid(ctl: Path) -> int:
         stats = c.stats()
     assert len(stats["servers"]) == 1  # a worker's control socket: its one guest socket
     return int(stats["pid"])
+
+
+@contextlib.contextmanager
+def _serve(args: list[str], stderr: int = subprocess.PIPE) -> Iterator[subprocess.Popen[bytes]]:
+    """``serve ARGS`` as a process; killed on the way out if it is still running."""
+    proc = subprocess.Popen([*CLI, "serve", *args], stderr=stderr)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then its exit status (within 20 s)."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(20)
 
 
 def _children(pid: int) -> set[int]:
@@ -72,9 +92,7 @@ def test_each_socket_is_served_by_its_worker_with_its_own_control_socket(
 def test_a_worker_killed_costs_only_its_own_guests(tmp_path: Path) -> None:
     base = tmp_path / "g"
     paths = [tmp_path / f"g{i}" for i in range(3)]
-    proc = subprocess.Popen([*CLI, "serve", "-s", str(base), "--socket-count", "3",
-                             "--workers", "2"], stderr=subprocess.PIPE)
-    try:
+    with _serve(["-s", str(base), "--socket-count", "3", "--workers", "2"]) as proc:
         wait_until(lambda: all(Path(f"{p}.ctl").exists() for p in paths))
         victim = _server_pid(Path(f"{paths[1]}.ctl"))
         os.kill(victim, signal.SIGKILL)
@@ -83,12 +101,7 @@ def test_a_worker_killed_costs_only_its_own_guests(tmp_path: Path) -> None:
         for i in (0, 2):
             _echo(paths[i], b"still served %d" % i)
         assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        code = _stop(proc)
     log = proc.stderr.read().decode() if proc.stderr else ""
     assert code == 1, log  # a worker died: not a clean run
     assert f"worker 1 (pid {victim}) died (killed by SIGKILL)" in log, log
@@ -128,17 +141,10 @@ def test_a_stop_at_once_after_the_start_stops_every_worker(tmp_path: Path,
     """SIGTERM the moment the socket files exist, while the workers are being forked
     and set up: however it falls, every worker stops and ``serve`` exits 0."""
     paths = [tmp_path / f"g{i}" for i in range(3)]
-    proc = subprocess.Popen([*CLI, "serve", "-s", str(tmp_path / "g"), "--socket-count",
-                             "3", "--workers", "3"], stderr=subprocess.PIPE)
-    try:
+    with _serve(["-s", str(tmp_path / "g"), "--socket-count", "3", "--workers", "3"]) as proc:
         wait_until(lambda: paths[-1].exists() or proc.poll() is not None, timeout=30)
         time.sleep(attempt * 0.002)  # a little later each attempt
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        code = _stop(proc)
     assert code == 0, proc.stderr.read().decode() if proc.stderr else code
     assert not any(p.exists() for p in paths)
 
@@ -147,9 +153,8 @@ def test_workers_end_with_their_supervisor(tmp_path: Path) -> None:
     """kill -9 of the supervisor: each worker hears SIGTERM (PR_SET_PDEATHSIG), stops
     and removes its socket files, so a new serve can take the paths."""
     paths = [tmp_path / f"g{i}" for i in range(2)]
-    proc = subprocess.Popen([*CLI, "serve", "-s", str(tmp_path / "g"), "--socket-count",
-                             "2", "--workers", "2"], stderr=subprocess.DEVNULL)
-    try:
+    with _serve(["-s", str(tmp_path / "g"), "--socket-count", "2", "--workers", "2"],
+                stderr=subprocess.DEVNULL) as proc:
         wait_until(lambda: all(Path(f"{p}.ctl").exists() for p in paths))
         workers = [_server_pid(Path(f"{p}.ctl")) for p in paths]
         proc.kill()
@@ -157,10 +162,6 @@ def test_workers_end_with_their_supervisor(tmp_path: Path) -> None:
         wait_until(lambda: not any(Path(f"/proc/{pid}").exists()
                                    and "State:\tZ" not in _status(pid) for pid in workers))
         wait_until(lambda: not any(p.exists() for p in paths))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _status(pid: int) -> str:

@@ -54,7 +54,14 @@ from .vhost_user.server import (
     parse_mode,
 )
 from .virtio.engines import EngineUnavailable, QueueFactory, engine_name, queue_factory
-from .workers import Share, assign, end_with_parent, unblock_stop_signals
+from .workers import (
+    Share,
+    assign,
+    end_with_parent,
+    hold_stop_signals,
+    stop_requested,
+    unblock_stop_signals,
+)
 from .workers import run as run_workers
 
 
@@ -245,6 +252,7 @@ def serve(
                  + [(ep.path, f"--endpoint {ep.plugin}@{ep.addr}")
                     for eps in sets for ep in eps if isinstance(ep, UnixBridge)])
     # Checked: now create.  Anything that still fails (a race) is undone before exiting.
+    hold_stop_signals()
     socks: list[socket.socket] = [_inherited_listener(fd)] if fd is not None else []
     devices: list[RpmsgDevice] = []
     ctls: list[ControlServer] = []
@@ -411,6 +419,8 @@ async def _serve_until_signal(servers: list[VhostUserServer], devices: list[Rpms
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     unblock_stop_signals()  # a worker's: pending since its fork, now the loop's to handle
+    if stop_requested():  # during start-up (hold_stop_signals): stop as asked
+        stop.set()
     for s in servers:
         s.start(loop)
     for ctl in ctls or ():

@@ -69,6 +69,22 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
+_requested: list[int] = []
+
+
+def hold_stop_signals() -> None:
+    """From now on a stop signal is recorded (:func:`stop_requested`), not fatal: a
+    ``serve`` stopped while it creates its sockets then stops cleanly once it can,
+    instead of dying with its socket files left behind."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, frame: _requested.append(signum))
+
+
+def stop_requested() -> bool:
+    """Whether a stop signal came since :func:`hold_stop_signals`."""
+    return bool(_requested)
+
+
 def unblock_stop_signals() -> None:
     """A worker's loop has its handlers: let the stop signals through (no-op elsewhere)."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -99,6 +115,8 @@ def run(shares: list[Share], work: Callable[[Share], None]) -> int:
     # only thread is a copy of this one).  One that reaches another thread of ours
     # still runs ``stop`` here, between two bytecodes: hence the check after the loop.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # Held since start-up (hold_stop_signals), up to our handler: then start no worker.
+    stopping = stopping or stop_requested()
     try:
         try:
             for share in shares:

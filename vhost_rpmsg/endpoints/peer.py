@@ -170,10 +170,8 @@ class SeqpacketPeer:
         if _lib is None or self._out or n < NATIVE_BATCH:
             return 0
         lengths = _int64s(batch.lengths)
-        sent = _lib.rp_send_datagrams(
-            self.sock.fileno(), _ffi.from_buffer("uint8_t[]", batch.data), len(batch.data),
-            _int64s(batch.offsets), lengths,
-            _int64s(batch.srcs) if addressed else _ffi.NULL, n)
+        sent = self._sendmmsg(batch.data, _int64s(batch.offsets), lengths,
+                              _int64s(batch.srcs) if addressed else _ffi.NULL, n)
         if sent <= 0:
             return 0  # full, or gone (the reader sees the hang-up and ends the peer)
         nbytes = int(sum(_ffi.unpack(lengths, sent))) + (4 * sent if addressed else 0)
@@ -181,15 +179,19 @@ class SeqpacketPeer:
         self.stats["to_process_bytes"] += nbytes
         return int(sent)
 
+    def _sendmmsg(self, data: bytes, offsets: Any, lengths: Any, addrs: Any, n: int) -> int:
+        """``rp_send_datagrams`` on our socket: how many of the ``n`` went, or -errno."""
+        return int(_lib.rp_send_datagrams(self.sock.fileno(), _ffi.from_buffer("uint8_t[]", data),
+                                          len(data), offsets, lengths, addrs, n))
+
     def _writable(self) -> None:
         out = self._out
         while len(out) >= NATIVE_BATCH and _lib is not None:
             chunk = list(itertools.islice(out, WRITE_CHUNK))
             lengths = [len(d) for d in chunk]
             data = b"".join(chunk)
-            sent = _lib.rp_send_datagrams(
-                self.sock.fileno(), _ffi.from_buffer("uint8_t[]", data), len(data),
-                _ffi.new("int64_t[]", list(itertools.accumulate(lengths, initial=0))[:-1]),
+            sent = self._sendmmsg(
+                data, _ffi.new("int64_t[]", list(itertools.accumulate(lengths, initial=0))[:-1]),
                 _ffi.new("int64_t[]", lengths), _ffi.NULL, len(chunk))
             if sent < 0:  # gone: the reader sees the hang-up and ends the peer
                 out.clear()

@@ -189,16 +189,14 @@ class RpmsgDevice(VirtioDevice):
         if vring.index == TO_GUEST:
             self.flush()
             self.wake()  # iterator-API writers waiting for a buffer
-        elif self.auto_dispatch:
-            self._service_to_host(vring)
         else:
-            self.wake()  # readers blocked in the iterator API
+            self._guest_sent(vring)
 
     def _guest_sent(self, vring: Vring) -> None:
         if self.auto_dispatch:
             self._service_to_host(vring)
         else:
-            self.wake()
+            self.wake()  # readers blocked in the iterator API
 
     def wait(self, timeout: float | None) -> None:
         """Wait (holding ``lock``) until a ring or the outbox changes, or ``timeout``."""

@@ -85,6 +85,22 @@ def test_bad_requests_get_a_clear_error_and_the_connection_goes_on(
         assert c.request(Op.HELLO)["version"] == cp.VERSION
 
 
+
+def test_a_client_that_does_not_read_its_replies_is_dropped_and_others_served(
+        ctl: Ctl) -> None:
+    stats = ctl.server.stats
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(ctl.path)
+        s.settimeout(5)
+        request = cp.encode({"v": cp.VERSION, "op": Op.STATS.value})
+        with pytest.raises(OSError):  # EPIPE or ECONNRESET once the server has let go
+            for _ in range(100_000):
+                s.send(request)
+    wait_until(lambda: stats["dropped_not_reading"] == 1)
+    with ctl.client() as c:
+        assert c.request(Op.HELLO)["version"] == cp.VERSION
+    wait_until(lambda: not ctl.server._clients)  # both connections closed and forgotten
+
 def test_stats_cover_server_session_queues_and_endpoints(ctl: Ctl) -> None:
     with ctl.running.guest() as g, ctl.client() as c:
         g.open(3000)
@@ -130,6 +146,28 @@ def test_an_endpoint_added_before_the_guest_is_announced_to_its_session(ctl: Ctl
         c.add_endpoint("early:echo")  # the first free address from 1024
     with ctl.running.guest() as g:
         assert g.wait_channel("early").addr == 1026
+
+
+def test_an_opened_endpoint_is_in_the_guest_ring_before_the_reply_is_sent(ctl: Ctl) -> None:
+    """The announcement is written while the request is answered, in the same turn of
+    the loop, not in a later one: a client holding its fd knows the guest was told."""
+    dev = ctl.running.device
+    with ctl.running.guest() as g:
+        g.wait_channel("rpmsg-raw")
+
+        def answer() -> tuple[dict[str, object], list[int], int]:
+            request = {"v": cp.VERSION, "op": Op.ENDPOINT_OPEN.value, "name": "now"}
+            reply, fds = ctl.server.handle(cp.encode(request))
+            return json.loads(reply), fds, len(dev.outbox)
+
+        reply, fds, waiting = ctl.running.call(answer)
+        try:
+            assert reply["ok"] is True
+            assert waiting == 0  # written to the rx ring already, nothing left to flush
+            assert g.wait_channel("now").addr == reply["addr"]
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
 def test_fd_endpoint_echoes_through_the_holder_and_goes_with_its_fd(ctl: Ctl) -> None:

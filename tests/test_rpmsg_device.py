@@ -13,7 +13,7 @@ import pytest
 from vhost_rpmsg.endpoints import Echo, Endpoint, Sink
 from vhost_rpmsg.guest import GuestTimeout
 from vhost_rpmsg.rpmsg import codec as rp
-from vhost_rpmsg.rpmsg.device import PayloadTooLarge, RpmsgDevice, WouldBlock
+from vhost_rpmsg.rpmsg.device import PayloadTooLarge, RpmsgDevice, WouldBlock, _call_soon
 
 from .conftest import Serve
 from .helpers import wait_until
@@ -381,3 +381,35 @@ def test_send_many_is_all_or_nothing(serve: Serve) -> None:
     assert dev.stats["would_block"] == 1 and dev.stats["refused_too_large"] == 1
     assert [g.recv(2000)[1] for _ in range(8)] == [b"%d" % i for i in range(8)]
     g.close()
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """Counts the calls that write the loop's self-pipe."""
+
+    threadsafe = 0
+
+    def call_soon_threadsafe(self, *args, **kw):  # type: ignore[no-untyped-def]
+        self.threadsafe += 1
+        return super().call_soon_threadsafe(*args, **kw)
+
+
+def test_work_scheduled_from_the_loop_does_not_wake_it_through_its_self_pipe() -> None:
+    """On the loop's own thread a deferred flush is a plain call_soon; another thread
+    (an API user's) still wakes a loop that may be asleep."""
+    loop = _CountingLoop()
+    ran: list[str] = []
+    try:
+        async def on_the_loop() -> None:
+            _call_soon(loop, ran.append, "loop")
+            await asyncio.sleep(0)
+            await loop.run_in_executor(None, _call_soon, loop, ran.append, "thread")
+            while len(ran) < 2:
+                await asyncio.sleep(0.001)
+
+        loop.run_until_complete(on_the_loop())
+        threadsafe = loop.threadsafe
+    finally:
+        loop.close()
+    assert ran == ["loop", "thread"]
+    # run_in_executor's own completion comes back through call_soon_threadsafe too
+    assert threadsafe == 2

@@ -83,6 +83,7 @@ class ControlServer:
         self._clients: set[socket.socket] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()  # set when a client leaves
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -98,6 +99,7 @@ class ControlServer:
         """Serve on the running loop."""
         if self.listener is None:
             self.bind()
+        self._loop = asyncio.get_running_loop()
         self._spawn(self._accept())
         log.info("control socket %s", self.path)
 
@@ -105,8 +107,7 @@ class ControlServer:
         for t in list(self._tasks):
             t.cancel()
         for c in list(self._clients):
-            c.close()
-        self._clients.clear()
+            self._drop(c)
         if self.listener is not None:
             self.listener.remove_path()
             self.listener.close()
@@ -150,32 +151,46 @@ class ControlServer:
             conn.setblocking(False)
             self._clients.add(conn)
             self.stats["connections"] += 1
-            self._spawn(self._client(conn))
+            # A reader for the connection's life, not one per request as sock_recv
+            # adds and removes: two epoll_ctl calls and a future less per request.
+            loop.add_reader(conn.fileno(), self._readable, conn)
 
-    async def _client(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    def _readable(self, conn: socket.socket) -> None:
+        """Answer what a client sent (one request per datagram), on the loop."""
         try:
-            while True:
-                data = await loop.sock_recv(conn, cp.MAX_REQUEST + 1)
-                if not data:
-                    break
-                reply, fds = self.handle(data)
-                try:
-                    conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                            struct.pack(f"{len(fds)}i", *fds))] if fds else [])
-                except BlockingIOError:
-                    self.stats["dropped_not_reading"] += 1
-                    log.error("control: a client does not read its replies; dropped")
-                    break
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+            data = conn.recv(cp.MAX_REQUEST + 1)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError as e:
             log.debug("control: client gone: %s", e)
+            self._drop(conn)
+            return
+        if not data:
+            self._drop(conn)
+            return
+        reply, fds = self.handle(data)
+        try:
+            conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    struct.pack(f"{len(fds)}i", *fds))] if fds else [])
+        except BlockingIOError:
+            self.stats["dropped_not_reading"] += 1
+            log.error("control: a client does not read its replies; dropped")
+            self._drop(conn)
+        except OSError as e:
+            log.debug("control: client gone: %s", e)
+            self._drop(conn)
         finally:
-            self._clients.discard(conn)
-            conn.close()
-            self._room.set()
+            for fd in fds:
+                os.close(fd)
+
+    def _drop(self, conn: socket.socket) -> None:
+        if conn not in self._clients:
+            return
+        self._clients.discard(conn)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(conn.fileno())
+        conn.close()
+        self._room.set()
 
     # -- requests (no I/O beyond the fds of endpoint.open) -----------------------------
 
@@ -273,6 +288,9 @@ class ControlServer:
             raise ControlError(ErrorCode.ADDRESS_IN_USE, str(e)) from None
         except (OSError, ValueError) as e:
             raise ControlError(ErrorCode.FAILED, f"{ep.describe()}: {e}") from None
+        # The announcement goes into the guest's ring now, before the reply: a client
+        # that has its answer knows the guest has been told (if its rx ring has room).
+        dev.flush()
 
     def _add(self, req: Request) -> dict[str, Any]:
         index, _, dev = self._server(req)

@@ -51,6 +51,20 @@ TO_HOST = 1  # vq 1, guest tx; the kernel API's VIRTIO_RPMSG_REQUEST
 MAX_READ = rp.HDR_SIZE + 0xFFFF  # nothing longer can be a message (len is 16 bits)
 
 
+
+def _call_soon(loop: Any, callback: Callable[..., Any], *args: Any) -> None:
+    """Run ``callback`` in the loop's next turn.  From the loop's own thread that is a
+    plain call_soon; call_soon_threadsafe also writes the loop's self-pipe (a syscall,
+    and one more wake-up and turn of the loop) which only a sleeping loop needs."""
+    try:
+        here = asyncio.get_running_loop() is loop
+    except RuntimeError:  # a thread of the API's user, which runs no loop
+        here = False
+    if here:
+        loop.call_soon(callback, *args)
+    else:
+        loop.call_soon_threadsafe(callback, *args)
+
 class _DevicePort:
     """An endpoint's :class:`~vhost_rpmsg.endpoints.base.Port`: sends from its address."""
 
@@ -349,7 +363,7 @@ class RpmsgDevice(VirtioDevice):
         self.stats["to_host_yields"] += 1
         if self.loop is not None and not self._drain_pending:
             self._drain_pending = True
-            self.loop.call_soon_threadsafe(self._resume_to_host, vr)
+            _call_soon(self.loop, self._resume_to_host, vr)
 
     def _resume_to_host(self, vr: Vring) -> None:
         self._drain_pending = False
@@ -473,7 +487,7 @@ class RpmsgDevice(VirtioDevice):
         if loop is None or self._flush_pending:
             return  # no loop yet: the next guest session start flushes
         self._flush_pending = True
-        loop.call_soon_threadsafe(self._deferred_flush)
+        _call_soon(loop, self._deferred_flush)
 
     def _deferred_flush(self) -> None:
         self._flush_pending = False

@@ -44,6 +44,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert 0 < echo.p50_us <= echo.p99_us
     assert report.floors["eventfd_pingpong_p50_us"] > 0
     assert report.floors["memcpy496_msgs_per_s"] > 0
+    assert report.floors["seqpacket496_msgs_per_s"] > 0
     out = tmp_path / "bench.json"
     bench.write_json(report, str(out))
     data = json.loads(out.read_text())

@@ -37,6 +37,7 @@ def report(sink16_cffi: float = 4e6, sink16_py: float = 2e5, sink496: float = 3e
     r.cases.append(Case(bench.CONTROL_CASE, "cffi", 0, 1000, 0.2, 0.5, 0.5, 150.0, 400.0))
     r.floors = {f"memcpy{s}_msgs_per_s": 2e7 for s in sizes}
     r.floors["eventfd_pingpong_p50_us"] = pingpong
+    r.floors |= {f"seqpacket{s}_msgs_per_s": 5e5 for s in sizes}
     r.backend_peak_rss_mb = dict(zip(("cffi", "python"), rss, strict=True))
     return r
 
@@ -58,6 +59,8 @@ def test_figures_are_computed_from_the_cffi_cases() -> None:
     assert f["fd_source16_over_source16"] == pytest.approx(1.0)
     assert f["fd_source496_over_source496"] == pytest.approx(0.5)
     assert f["control_open_close_us"] == pytest.approx(200.0)  # the mean, not the p50
+    # the best an fd sink could do on that transport: 0.5 M of 3 M msgs/s
+    assert f["seqpacket496_over_sink496"] == pytest.approx(5e5 / 3e6)
     assert set(f) >= {t.figure for t in TARGETS}, "every target's figure is computed"
 
 
@@ -121,6 +124,10 @@ def test_tables_show_goals_marks_and_readable_floors() -> None:
     assert any("≤ 100.0 µs" in line and "200.0 µs" in line for line in rows)
     assert any("≤ 10.0 µs" in line and "40.0 µs" in line and "missed" in line for line in rows)
     assert "20.0 M msgs/s" in text and "60.0 µs" in text and "45.0 MB" in text
+    assert any("seqpacket496_msgs_per_s" in line and "500 k msgs/s" in line
+               for line in text.splitlines())
+    assert any("fd sink 496 B / sink at best" in line and "0.167x" in line
+               for line in text.splitlines())
 
 
 @pytest.mark.parametrize(("value", "unit", "text"), [

@@ -1,5 +1,5 @@
 """``vhost-rpmsg bench``: throughput and latency, server and simulated guest in separate
-processes, each engine side by side with two floors measured in the same run.
+processes, each engine side by side with floors measured in the same run.
 
 Cases, per engine:
   * ``sink S``   guest → host: the guest sends N messages of S bytes to a sink endpoint
@@ -12,8 +12,10 @@ Cases, per engine:
     what a process outside the server gets, next to the in-process endpoints.
   * ``control open+close``  an fd endpoint opened and closed through the control
     socket, timed until the guest has seen its announcement and its withdrawal.
-Floors: a bare memcpy of the same bytes (numpy, one bulk copy) and an eventfd
-ping-pong between two processes (the least any cross-process round trip costs).
+Floors: a bare memcpy of the same bytes (numpy, one bulk copy), the same datagrams
+through a bare SOCK_SEQPACKET socketpair (the fastest an fd endpoint's process could
+be fed) and an eventfd ping-pong between two processes (the least any cross-process
+round trip costs).
 With ``pin``, server and guest (and the two ping-pong processes) run on different CPUs;
 by default the scheduler places them, as it would in use.
 Backend and guest CPU shares come from the kernel's per-process CPU clocks (CPU time
@@ -220,6 +222,12 @@ class Report:
                 base = self.find(kind, fd.engine, size) if fd else None
                 if fd and base and base.msgs_per_s:
                     out[f"fd_{kind}{size}_over_{kind}{size}"] = fd.msgs_per_s / base.msgs_per_s
+        for size in sorted({c.size for c in self.cases if c.name == "fd sink"}):
+            # the transport alone: the best fd sink / sink any back-end could reach here
+            wire = self.floors.get(f"seqpacket{size}_msgs_per_s")
+            base = self.find("sink", "cffi", size) or self.find("sink", "python", size)
+            if wire and base and base.msgs_per_s:
+                out[f"seqpacket{size}_over_sink{size}"] = wire / base.msgs_per_s
         return out
 
     def figures(self) -> dict[str, float]:
@@ -634,6 +642,24 @@ def memcpy_floor(size: int, messages: int) -> float:
     return messages / best
 
 
+#: datagrams of the SOCK_SEQPACKET floor at least (about half a second here)
+SEQPACKET_FLOOR_MESSAGES = 200_000
+
+
+def seqpacket_floor(peer: str, size: int, messages: int) -> float:
+    """Datagrams per second through a bare SOCK_SEQPACKET socketpair: the C holder's
+    sink reading, sendmmsg as the server's writer does (``bench_fd_peer floor``); the
+    best of three.  No fd endpoint can move guest messages to a process faster."""
+    best = 0.0
+    for _ in range(3):
+        done = subprocess.run([peer, "floor", str(messages), str(size)], capture_output=True,
+                              text=True, timeout=120)
+        if done.returncode != 0:
+            raise BenchError(f"bench_fd_peer floor failed: {done.stderr.strip()}")
+        best = max(best, float(done.stdout.split()[-1]))
+    return best
+
+
 def _pong(a: int, b: int, n: int, cpu: int | None) -> None:
     _pin(cpu)
     for _ in range(n):
@@ -741,6 +767,12 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
     for size in sizes:
         progress(f"floor: memcpy of {size} B messages")
         report.floors[f"memcpy{size}_msgs_per_s"] = memcpy_floor(size, max(messages, 10000))
+    with tempfile.TemporaryDirectory(prefix="vhost-rpmsg-bench-") as tmp:
+        peer = build_peer(tmp)
+        for size in sizes:
+            progress(f"floor: SOCK_SEQPACKET of {size} B datagrams")
+            report.floors[f"seqpacket{size}_msgs_per_s"] = seqpacket_floor(
+                peer, size, max(messages, SEQPACKET_FLOOR_MESSAGES))
     progress("floor: eventfd ping-pong")
     p50, p99 = eventfd_pingpong_floor(max(samples, 1000), pin)
     report.floors["eventfd_pingpong_p50_us"] = p50
@@ -771,6 +803,11 @@ def render(report: Report) -> list[Any]:
         floors.add_row(k, human(v, floor_unit(k)))
     for engine, rss in report.backend_peak_rss_mb.items():
         floors.add_row(f"backend peak RSS ({engine})", human(rss, "MB"))
+    for k, v in report.ratios().items():
+        if k.startswith("seqpacket"):
+            size = k.removeprefix("seqpacket").partition("_")[0]
+            floors.add_row(f"fd sink {size} B / sink at best (seqpacket floor / sink)",
+                           human(v, "x"))
     met = sum(t["met"] is True for t in report.targets())
     targets = Table(title=f"targets: {met} of {len(TARGETS)} met")
     for col in ("target", "goal", "this run", "verdict", "set in"):

@@ -4,6 +4,7 @@
  *
  *     bench_fd_peer [-f FD] sink N [ACK]
  *     bench_fd_peer [-f FD] source N SIZE
+ *     bench_fd_peer floor N SIZE
  *
  * FD is the endpoint socket (default 3, where `vhost-rpmsg endpoint open -- CMD` puts
  * it).  One datagram is one rpmsg message.
@@ -21,6 +22,10 @@
  *         the writer is held back, nothing is dropped); then waits for end of file on
  *         stdin before it exits, so that the endpoint outlives its last message.  It
  *         prints "N" on stdout once all are written.
+ * floor:  the transport alone, no server: a socketpair, with this sink's reader in a
+ *         child and, as the server's writer does, sendmmsg of up to 64 datagrams of
+ *         SIZE bytes at a time until N have gone; prints the rate, "MSGS_PER_S".  What
+ *         an fd endpoint's guest-to-process rate can at best be on this machine.
  *
  * Built by the bench at run time with the system compiler: cc -O2 -o bench_fd_peer
  * bench_fd_peer.c.
@@ -33,6 +38,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_DATAGRAM 65536
@@ -166,6 +173,68 @@ static int source(int fd, unsigned long n, unsigned long size)
 	return 0;
 }
 
+#define FLOOR_BATCH 64
+
+static int floor_rate(unsigned long n, unsigned long size)
+{
+	static char buf[MAX_DATAGRAM];
+	struct mmsghdr m[FLOOR_BATCH];
+	struct iovec iov = { .iov_base = buf, .iov_len = size };
+	struct timespec t0, t1;
+	unsigned long sent = 0;
+	int sv[2], status;
+	pid_t pid;
+
+	if (size > sizeof(buf)) {
+		fprintf(stderr, "bench_fd_peer: floor: SIZE above %zu\n", sizeof(buf));
+		return 2;
+	}
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv) < 0) {
+		perror("bench_fd_peer: floor: socketpair");
+		return 1;
+	}
+	fflush(stdout);
+	pid = fork();
+	if (pid < 0) {
+		perror("bench_fd_peer: floor: fork");
+		return 1;
+	}
+	if (pid == 0) {
+		close(sv[0]);
+		if (!freopen("/dev/null", "w", stdout))
+			_exit(1);
+		_exit(sink(sv[1], n, 0));
+	}
+	close(sv[1]);
+	memset(buf, 0x5a, size);
+	memset(m, 0, sizeof(m));
+	for (int k = 0; k < FLOOR_BATCH; k++) {
+		m[k].msg_hdr.msg_iov = &iov;
+		m[k].msg_hdr.msg_iovlen = 1;
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	while (sent < n) {
+		unsigned int k = n - sent < FLOOR_BATCH ? (unsigned int)(n - sent) : FLOOR_BATCH;
+		int r = sendmmsg(sv[0], m, k, MSG_NOSIGNAL);
+
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			perror("bench_fd_peer: floor: sendmmsg");
+			return 1;
+		}
+		sent += (unsigned long)r;
+	}
+	if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status)) {
+		fprintf(stderr, "bench_fd_peer: floor: the reader failed\n");
+		return 1;
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	printf("%.0f\n", (double)n / ((double)(t1.tv_sec - t0.tv_sec) +
+				     (double)(t1.tv_nsec - t0.tv_nsec) / 1e9));
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	int fd = 3, i = 1;
@@ -179,6 +248,9 @@ int main(int argc, char **argv)
 			    argc - i == 3 ? parse(argv[i + 2], "ACK") : 0);
 	if (argc - i == 3 && !strcmp(argv[i], "source"))
 		return source(fd, parse(argv[i + 1], "N"), parse(argv[i + 2], "SIZE"));
-	fprintf(stderr, "usage: bench_fd_peer [-f FD] sink N [ACK] | source N SIZE\n");
+	if (argc == 4 && !strcmp(argv[1], "floor"))
+		return floor_rate(parse(argv[2], "N"), parse(argv[3], "SIZE"));
+	fprintf(stderr, "usage: bench_fd_peer [-f FD] sink N [ACK] | source N SIZE | "
+		"floor N SIZE\n");
 	return 2;
 }

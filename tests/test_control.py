@@ -26,6 +26,7 @@ from vhost_rpmsg.control.server import ControlServer
 from vhost_rpmsg.control.stats import snapshot
 from vhost_rpmsg.endpoints import Echo, Sink
 from vhost_rpmsg.rpmsg.device import RpmsgDevice
+from vhost_rpmsg.virtio.queue import QueueBroken
 
 from .conftest import Running, Serve
 from .helpers import wait_until
@@ -75,6 +76,7 @@ def _raw_request(path: str, data: bytes) -> dict[str, object]:
     (b'{"v": 1, "op": "endpoint.add", "spec": "nosuchplugin@1030"}', "bad-endpoint"),
     (b'{"v": 1, "op": "endpoint.add", "spec": "echo@1024"}', "address-in-use"),
     (b'{"v": 1, "op": "endpoint.open", "addr": 53}', "bad-endpoint"),
+    (b"[" * 60000, "bad-request"),  # deeper than json's recursion limit
 ])
 def test_bad_requests_get_a_clear_error_and_the_connection_goes_on(
         ctl: Ctl, data: bytes, code: str) -> None:
@@ -168,6 +170,46 @@ def test_an_opened_endpoint_is_in_the_guest_ring_before_the_reply_is_sent(ctl: C
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+
+def test_an_open_whose_flush_finds_the_tx_ring_broken_still_gets_its_fd(
+        ctl: Ctl, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush of an announcement resumes a paused tx drain; a guest whose tx ring is
+    found corrupt then has that ring broken, and the control request is answered."""
+    dev = ctl.running.device
+    with ctl.running.guest() as g, ctl.client() as c:
+        g.wait_channel("rpmsg-raw")
+
+        def corrupt(vr: object, q: object) -> None:
+            raise QueueBroken("avail idx 9999 ahead of used idx 0")
+
+        monkeypatch.setattr(dev, "_drain_to_host", corrupt)
+        ctl.running.call(lambda: setattr(dev.outbox, "to_host_paused", True))
+        with c.open_endpoint("still") as ep:
+            assert g.wait_channel("still").addr == ep.addr
+        assert dev.stats["to_host_broken_off_kick"] == 1
+        assert dev.to_host is not None and dev.to_host.broken
+        assert ctl.server.stats["internal_errors"] == 0
+        assert c.request(Op.HELLO)["version"] == cp.VERSION
+
+
+
+def test_a_request_that_fails_inside_the_server_is_answered_and_counted(
+        ctl: Ctl, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(req: object, fds: list[int]) -> dict[str, object]:
+        fds.append(os.dup(0))  # passed fds are closed, not sent, when the request fails
+        raise KeyError("a bug")
+
+    fds_before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(ctl.server, "_dispatch", bug)
+    with ctl.client() as c:
+        with pytest.raises(ControlError, match="internal error: KeyError"):
+            c.request(Op.HELLO)
+        monkeypatch.undo()
+        assert c.request(Op.HELLO)["version"] == cp.VERSION  # and the connection goes on
+    assert ctl.server.stats["internal_errors"] == 1
+    wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before)
 
 
 def test_fd_endpoint_echoes_through_the_holder_and_goes_with_its_fd(ctl: Ctl) -> None:

@@ -200,7 +200,8 @@ class Report:
         return None
 
     def ratios(self) -> dict[str, float]:
-        """The figures the targets are stated in, each computed within this run."""
+        """Ratios within this run: those the targets are stated in, and the fd sink's
+        ceiling (the SOCK_SEQPACKET floor over the in-process sink)."""
         out: dict[str, float] = {}
         cf, py = self.find("sink", "cffi", 16), self.find("sink", "python", 16)
         if cf and py and py.msgs_per_s:
@@ -652,10 +653,15 @@ def seqpacket_floor(peer: str, size: int, messages: int) -> float:
     best of three.  No fd endpoint can move guest messages to a process faster."""
     best = 0.0
     for _ in range(3):
-        done = subprocess.run([peer, "floor", str(messages), str(size)], capture_output=True,
-                              text=True, timeout=120)
+        try:
+            done = subprocess.run([peer, "floor", str(messages), str(size)],
+                                  capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"bench_fd_peer floor {messages} {size}: no result in 120 s") \
+                from None
         if done.returncode != 0:
-            raise BenchError(f"bench_fd_peer floor failed: {done.stderr.strip()}")
+            raise BenchError(f"bench_fd_peer floor {messages} {size} failed (exit status "
+                             f"{done.returncode}): {done.stderr.strip()}")
         best = max(best, float(done.stdout.split()[-1]))
     return best
 
@@ -701,8 +707,9 @@ def build_peer(outdir: str) -> str:
     ``cc``) into ``outdir``; its path."""
     cc = shlex.split(os.environ.get("CC") or "cc")
     if not cc or shutil.which(cc[0]) is None:
-        raise BenchError(f"the fd endpoint cases need a C compiler: {cc[0] if cc else 'cc'} "
-                         "not found (install gcc or set CC)")
+        raise BenchError("the fd endpoint cases and the SOCK_SEQPACKET floor need a C "
+                         f"compiler: {cc[0] if cc else 'cc'} not found (install gcc or set "
+                         "CC)")
     if not PEER_SOURCE.is_file():
         raise BenchError(f"{PEER_SOURCE} not found: the fd endpoint cases compile it from "
                          "the project's source tree")

@@ -221,6 +221,8 @@ static int floor_rate(unsigned long n, unsigned long size)
 			if (errno == EINTR)
 				continue;
 			perror("bench_fd_peer: floor: sendmmsg");
+			close(sv[0]);  /* the reader, if still there, sees the hang-up and exits */
+			waitpid(pid, &status, 0);
 			return 1;
 		}
 		sent += (unsigned long)r;

@@ -90,6 +90,8 @@ def decode_request(data: bytes) -> Request:
         obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ControlError(ErrorCode.BAD_REQUEST, f"not JSON: {e}") from None
+    except RecursionError:  # "[[[[…" nested deeper than the parser goes
+        raise ControlError(ErrorCode.BAD_REQUEST, "not JSON we read: nested too deep") from None
     if not isinstance(obj, dict):
         raise ControlError(ErrorCode.BAD_REQUEST, "a request is a JSON object")
     version = obj.pop("v", None)

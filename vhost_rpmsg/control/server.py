@@ -34,7 +34,7 @@ from .stats import endpoint_stats, snapshot
 
 log = logging.getLogger(__name__)
 
-#: clients served at once; more wait to be accepted (each costs an fd and a task)
+#: clients served at once; more wait to be accepted (each costs an fd and a reader)
 MAX_CLIENTS = 64
 #: connections waiting to be accepted (clients retry while it is full)
 LISTEN_BACKLOG = 128
@@ -159,7 +159,7 @@ class ControlServer:
         """Answer what a client sent (one request per datagram), on the loop."""
         try:
             data = conn.recv(cp.MAX_REQUEST + 1)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             return
         except OSError as e:
             log.debug("control: client gone: %s", e)
@@ -207,6 +207,13 @@ class ControlServer:
             for fd in fds:
                 os.close(fd)
             return cp.failure(e), []
+        except Exception as e:  # a bug of ours: the client still gets an answer
+            self.stats["failed_requests"] += 1
+            self.stats["internal_errors"] += 1
+            log.exception("control: request failed inside the server")
+            for fd in fds:
+                os.close(fd)
+            return cp.failure(ControlError(ErrorCode.FAILED, f"internal error: {e!r}")), []
         return cp.ok(**body), fds
 
     def _dispatch(self, req: Request, fds: list[int]) -> dict[str, Any]:

@@ -368,7 +368,16 @@ class RpmsgDevice(VirtioDevice):
     def _resume_to_host(self, vr: Vring) -> None:
         self._drain_pending = False
         if vr.ready and self.auto_dispatch:
+            self._drain_off_kick(vr)
+
+    def _drain_off_kick(self, vr: Vring) -> None:
+        """The drain when no kick asked for it (a yield resumed, room made by a flush):
+        a ring found broken is broken and logged as on a kick, and goes no further up,
+        where a loop callback, a control request or a sender is no guest's caller."""
+        try:
             self._service_to_host(vr)
+        except QueueBroken:
+            self.stats["to_host_broken_off_kick"] += 1
 
     def parse(self, rb: RawBatch, q: Queue) -> Parsed:
         """Parse a raw batch from ``q``; count and log (rate-limited) what was not a message."""
@@ -523,7 +532,7 @@ class RpmsgDevice(VirtioDevice):
             self.outbox.to_host_paused = False
             th = self.to_host
             if th is not None and th.ready:
-                self._service_to_host(th)
+                self._drain_off_kick(th)
 
     def write_rx(self, q: Queue, c: Chain, msg: bytes) -> int | None:
         """Copy ``msg`` into rx chain ``c`` of ``q``; None if the chain cannot take it."""

@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 from ..endpoints.base import Endpoint
@@ -84,6 +84,8 @@ class ControlServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()  # set when a client leaves
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        # the fd endpoints opened per guest socket and not yet closed by their holders
+        self._held: defaultdict[int, set[FdEndpoint]] = defaultdict(set)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -271,12 +273,15 @@ class ControlServer:
             if wanted == rp.NS_ADDR or not 0 <= wanted < rp.ADDR_ANY:
                 raise ControlError(ErrorCode.BAD_ENDPOINT, f"address {wanted} is reserved "
                                    "or out of range")
-            if wanted in dev.endpoints:
+            taken = dev.endpoint_at(wanted)
+            if taken is not None:
                 raise ControlError(ErrorCode.ADDRESS_IN_USE, f"host address {wanted} has "
-                                   f"{dev.endpoints[wanted].describe()}")
+                                   f"{taken.describe()}")
             return wanted
+        # One lookup per address tried, never a copy of the whole table: with thousands
+        # of endpoints held, an open must not cost the loop (every guest) more.
         addr = rp.RESERVED_ADDRESSES
-        while addr in dev.endpoints:
+        while dev.endpoint_at(addr) is not None:
             addr += 1
         return addr
 
@@ -306,9 +311,10 @@ class ControlServer:
             (ep,) = build([spec], first_addr=self._free_addr(dev, None))
         except PluginError as e:
             raise ControlError(ErrorCode.BAD_ENDPOINT, str(e)) from None
-        if ep.addr in dev.endpoints:
+        taken = dev.endpoint_at(ep.addr)
+        if taken is not None:
             raise ControlError(ErrorCode.ADDRESS_IN_USE, f"host address {ep.addr} has "
-                               f"{dev.endpoints[ep.addr].describe()}")
+                               f"{taken.describe()}")
         self._check_name(ep.name, ep.addr)
         self._register(dev, ep)
         self.stats["endpoints_added"] += 1
@@ -318,7 +324,7 @@ class ControlServer:
     def _remove(self, req: Request) -> dict[str, Any]:
         index, _, dev = self._server(req)
         addr = req.get("addr", int, required=True)
-        ep = dev.endpoints.get(addr)
+        ep = dev.endpoint_at(addr)
         if ep is None:
             raise ControlError(ErrorCode.NO_SUCH_ENDPOINT, f"no endpoint at {addr} on "
                                f"socket {index}")
@@ -337,7 +343,7 @@ class ControlServer:
         addressed = req.get("addressed", bool, False)
         if dst is not None and not 0 <= dst < rp.ADDR_ANY:
             raise ControlError(ErrorCode.BAD_ENDPOINT, f"dst {dst} out of range")
-        held = sum(isinstance(e, FdEndpoint) for e in dev.endpoints.values())
+        held = len(self._held[index])
         if held >= MAX_FD_ENDPOINTS:
             raise ControlError(ErrorCode.FAILED, f"socket {index} has {held} fd endpoints "
                                "already")
@@ -354,14 +360,16 @@ class ControlServer:
             theirs.close()
             raise
         fds.append(theirs.detach())
+        self._held[index].add(ep)
         self.stats["fd_endpoints_opened"] += 1
         log.info("control: fd endpoint %s opened on socket %d", ep.describe(), index)
         return {"socket": index, "addr": addr, "name": name, "addressed": addressed}
 
     def _fd_closed(self, dev: RpmsgDevice, ep: FdEndpoint, index: int) -> None:
         """Its holder closed the fd (or exited, or was killed): the endpoint goes."""
+        self._held[index].discard(ep)
         self.stats["fd_endpoints_closed"] += 1
-        if dev.endpoints.get(ep.addr) is ep:
+        if dev.endpoint_at(ep.addr) is ep:
             with contextlib.suppress(Exception):
                 dev.remove_endpoint(ep.addr)  # withdraws its announcement, closes it
         else:

@@ -153,7 +153,13 @@ class RpmsgDevice(VirtioDevice):
 
     @property
     def endpoints(self) -> dict[int, Endpoint]:
+        """A new dict of every endpoint by address: for listing, not for lookups."""
         return self.dispatcher.endpoints
+
+    def endpoint_at(self, addr: int) -> Endpoint | None:
+        """The endpoint at ``addr``, if any, without building :attr:`endpoints`."""
+        slot = self.dispatcher.slots.get(addr)
+        return None if slot is None else slot.endpoint
 
     @property
     def services(self) -> dict[int, str]:

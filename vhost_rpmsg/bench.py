@@ -734,48 +734,49 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
     server_cpu, guest_cpu = _cpus(pin)
     report.machine["pinned"] = {"server": server_cpu, "guest": guest_cpu}
     report.machine["repeat"] = asdict(repeat)
-    for engine in engines:
-        with tempfile.TemporaryDirectory(prefix="vhost-rpmsg-bench-") as tmp:
-            path = os.path.join(tmp, "bench.sock")
-            peer = build_peer(tmp)  # a fraction of a second: before anything starts
-            ready = ctx.Event()
-            server = ctx.Process(target=_server_main, args=(path, engine, ready, server_cpu),
-                                 daemon=True)
-            server.start()
-            if not ready.wait(30):
-                server.kill()
-                raise RuntimeError(f"bench server ({engine}) did not start")
-            recv, send = ctx.Pipe(duplex=False)
-            assert server.pid is not None
-            guest = ctx.Process(target=_guest_main, args=(
-                path, server.pid, engine, sizes, messages, samples, peer, send, guest_cpu,
-                repeat))
-            guest.start()
-            ncases = 4 * len(sizes) + 2
-            for k in itertools.count(1):
-                # a guest that failed (a case's error is on stderr) ends the run at once
-                deadline = time.monotonic() + 600
-                while not recv.poll(1):
-                    if not guest.is_alive() or time.monotonic() > deadline:
-                        guest.kill()
-                        server.kill()
-                        raise RuntimeError(f"bench guest ({engine}) produced no result "
-                                           f"(exit status {guest.exitcode})")
-                msg = recv.recv()
-                if not isinstance(msg, tuple):  # the results, when all cases are done
-                    break
-                _, name, size = msg
-                progress(f"{engine} engine: {name} {size} B (case {k} of {ncases})")
-            for r in msg:
-                report.cases.append(Case(**r))
-            guest.join(10)
-            report.backend_peak_rss_mb[engine] = _peak_rss_mb(server.pid)
-            stop_process(server)
-    for size in sizes:
-        progress(f"floor: memcpy of {size} B messages")
-        report.floors[f"memcpy{size}_msgs_per_s"] = memcpy_floor(size, max(messages, 10000))
-    with tempfile.TemporaryDirectory(prefix="vhost-rpmsg-bench-") as tmp:
-        peer = build_peer(tmp)
+    # The C holder, built once for the fd cases of every engine and the floor: a
+    # fraction of a second, before anything starts.
+    with tempfile.TemporaryDirectory(prefix="vhost-rpmsg-bench-peer-") as bindir:
+        peer = build_peer(bindir)
+        for engine in engines:
+            with tempfile.TemporaryDirectory(prefix="vhost-rpmsg-bench-") as tmp:
+                path = os.path.join(tmp, "bench.sock")
+                ready = ctx.Event()
+                server = ctx.Process(target=_server_main, args=(path, engine, ready, server_cpu),
+                                     daemon=True)
+                server.start()
+                if not ready.wait(30):
+                    server.kill()
+                    raise RuntimeError(f"bench server ({engine}) did not start")
+                recv, send = ctx.Pipe(duplex=False)
+                assert server.pid is not None
+                guest = ctx.Process(target=_guest_main, args=(
+                    path, server.pid, engine, sizes, messages, samples, peer, send, guest_cpu,
+                    repeat))
+                guest.start()
+                ncases = 4 * len(sizes) + 2
+                for k in itertools.count(1):
+                    # a guest that failed (a case's error is on stderr) ends the run at once
+                    deadline = time.monotonic() + 600
+                    while not recv.poll(1):
+                        if not guest.is_alive() or time.monotonic() > deadline:
+                            guest.kill()
+                            server.kill()
+                            raise RuntimeError(f"bench guest ({engine}) produced no result "
+                                               f"(exit status {guest.exitcode})")
+                    msg = recv.recv()
+                    if not isinstance(msg, tuple):  # the results, when all cases are done
+                        break
+                    _, name, size = msg
+                    progress(f"{engine} engine: {name} {size} B (case {k} of {ncases})")
+                for r in msg:
+                    report.cases.append(Case(**r))
+                guest.join(10)
+                report.backend_peak_rss_mb[engine] = _peak_rss_mb(server.pid)
+                stop_process(server)
+        for size in sizes:
+            progress(f"floor: memcpy of {size} B messages")
+            report.floors[f"memcpy{size}_msgs_per_s"] = memcpy_floor(size, max(messages, 10000))
         for size in sizes:
             progress(f"floor: SOCK_SEQPACKET of {size} B datagrams")
             report.floors[f"seqpacket{size}_msgs_per_s"] = seqpacket_floor(

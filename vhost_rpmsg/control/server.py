@@ -203,20 +203,17 @@ class ControlServer:
         fds: list[int] = []
         try:
             req = cp.decode_request(data)
-            body = self._dispatch(req, fds)
+            return cp.ok(**self._dispatch(req, fds)), fds
         except ControlError as e:
-            self.stats["failed_requests"] += 1
-            for fd in fds:
-                os.close(fd)
-            return cp.failure(e), []
+            failure = e
         except Exception as e:  # a bug of ours: the client still gets an answer
-            self.stats["failed_requests"] += 1
             self.stats["internal_errors"] += 1
             log.exception("control: request failed inside the server")
-            for fd in fds:
-                os.close(fd)
-            return cp.failure(ControlError(ErrorCode.FAILED, f"internal error: {e!r}")), []
-        return cp.ok(**body), fds
+            failure = ControlError(ErrorCode.FAILED, f"internal error: {e!r}")
+        self.stats["failed_requests"] += 1
+        for fd in fds:
+            os.close(fd)
+        return cp.failure(failure), []
 
     def _dispatch(self, req: Request, fds: list[int]) -> dict[str, Any]:
         if req.op is Op.HELLO:

@@ -51,7 +51,6 @@ TO_HOST = 1  # vq 1, guest tx; the kernel API's VIRTIO_RPMSG_REQUEST
 MAX_READ = rp.HDR_SIZE + 0xFFFF  # nothing longer can be a message (len is 16 bits)
 
 
-
 def _call_soon(loop: Any, callback: Callable[..., Any], *args: Any) -> None:
     """Run ``callback`` in the loop's next turn.  From the loop's own thread that is a
     plain call_soon; call_soon_threadsafe also writes the loop's self-pipe (a syscall,
@@ -64,6 +63,7 @@ def _call_soon(loop: Any, callback: Callable[..., Any], *args: Any) -> None:
         loop.call_soon(callback, *args)
     else:
         loop.call_soon_threadsafe(callback, *args)
+
 
 class _DevicePort:
     """An endpoint's :class:`~vhost_rpmsg.endpoints.base.Port`: sends from its address."""

@@ -591,3 +591,45 @@ int64_t vr_split_headers(const uint8_t *data, uint64_t data_len, const int64_t *
     }
     return 0;
 }
+
+int vr_take_one(const vr_ring *ring, vr_raw *r, vr_take *t)
+{
+    t->taken = t->returned = t->notify = t->more = 0;
+    t->avail_idx = ld16_acquire(ring->avail + 2);
+    t->pending = (uint16_t)(t->avail_idx - t->last_avail);
+    /* virtio 1.2 §2.7: "Queue Size corresponds to the maximum number of buffers in the
+     * virtqueue" */
+    if (t->pending > ring->size)
+        return VR_POP_AHEAD;
+    if (t->pending != 1) {
+        /* none: kicks asked for again, as the batch path's last round; several: theirs */
+        if (!t->pending)
+            t->more = (uint8_t)vr_enable_kicks(ring, t->last_avail, (int)t->event_idx);
+        return VR_POP_DONE;
+    }
+    const int status = vr_pop_raw(ring, r, t->block, 1, t->last_avail, t->flags, t->limit);
+    if (status != VR_POP_DONE) {
+        t->avail_idx = r->avail_idx;
+        t->pending = r->pending;
+        return status;
+    }
+    if (!r->total)
+        return status; /* not reached: one chain always fits the walk budget */
+    t->taken = 1;
+    t->head = r->heads[0];
+    t->error = r->errors[0];
+    t->writable = r->has_writable[0];
+    t->length = (uint64_t)r->lengths[0];
+    t->last_avail = r->last_avail;
+    if (t->error != VR_CHAIN_HEAD_OUT_OF_RANGE) {
+        t->used_idx = vr_push_used(ring, t->used_idx, &t->head, 1, 0);
+        t->returned = 1;
+    }
+    t->notify = (uint8_t)vr_need_notify(ring, t->used_idx, t->signalled, (int)t->event_idx);
+    t->signalled = t->used_idx;
+    if (r->pending > 1)
+        t->more = 1;
+    else
+        t->more = (uint8_t)vr_enable_kicks(ring, t->last_avail, (int)t->event_idx);
+    return status;
+}

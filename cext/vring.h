@@ -302,6 +302,43 @@ typedef struct vr_fill {
 int vr_fill_rx(const vr_ring *ring, vr_fill *f, const uint8_t *data, const uint64_t *lens,
             uint32_t nmsgs);
 
+/*
+ * The one-chain path of a consumer that copies what it reads, in one call.  When the
+ * avail idx (read with acquire; VR_POP_AHEAD if more than size ahead) shows exactly one
+ * chain: take it as vr_pop_raw with cap 1 (same checks, its bytes up to t->limit into
+ * r->data; a VR_POP_NEED_* status takes nothing, and the caller grows r and calls again),
+ * give it back used with length 0 (unless its head is out of range), decide whether the
+ * driver wants an interrupt for that (vr_need_notify from t->signalled, which becomes
+ * the new used idx), and ask for a kick again (vr_enable_kicks: more says whether a
+ * chain raced in; also when vr_pop_raw's own read showed more than one).  When none is
+ * shown, kicks are asked for again in the same way and taken is 0; when several are,
+ * nothing is done (taken 0, more 0): they are for the batch path.
+ */
+typedef struct vr_take {
+    /* in */
+    uint32_t flags;      /* VR_F_INDIRECT */
+    uint32_t event_idx;
+    uint64_t limit;
+    void *block;         /* vr_pop_raw's per-chain arrays for one chain */
+    /* in/out */
+    uint16_t last_avail;
+    uint16_t used_idx;
+    uint16_t signalled;  /* the used idx the driver last heard of */
+    /* out */
+    uint16_t avail_idx;
+    uint32_t pending;    /* as vr_raw.pending */
+    uint32_t taken;
+    uint32_t head;
+    uint8_t error;
+    uint8_t writable;
+    uint8_t returned;    /* the chain went back on the used ring */
+    uint8_t notify;
+    uint8_t more;
+    uint64_t length;     /* bytes copied to r->data */
+} vr_take;
+
+int vr_take_one(const vr_ring *ring, vr_raw *r, vr_take *t);
+
 /* cffi:end */
 
 #endif /* VHOST_RPMSG_VRING_H */

@@ -406,6 +406,7 @@ class Pair(Engines):
         self.errors_seen: set[ChainError] = set()
         self.broke = False
         self.filled = 0  # messages fill_rx wrote
+        self.takes = 0  # chains take_one took
         self.refusals: set[int] = set()  # kinds of chain fill_rx refused
 
     def close(self) -> None:
@@ -483,8 +484,8 @@ class Pair(Engines):
         rng = self.rng
         op = rng.choices(
             ["pop", "popread", "popraw", "read", "write", "push", "notify", "kicks",
-             "publish", "features", "memory", "rebase", "fill"],
-            weights=[20, 8, 8, 14, 10, 12, 8, 5, 12, 3, 1, 2, 10],
+             "publish", "features", "memory", "rebase", "fill", "take"],
+            weights=[20, 8, 8, 14, 10, 12, 8, 5, 12, 3, 1, 2, 10, 8],
         )[0]
         if op == "pop":
             n = rng.choice([1, 2, 3, 8, 64, self.size, self.size + 3, 0, -1, 1 << 40])
@@ -500,6 +501,14 @@ class Pair(Engines):
             self.note(self.both(f"pop_raw_batch({n}, {limit})",
                                 lambda q: q.pop_raw_batch(n, limit)))
             self.split_both()
+        elif op == "take":
+            limit = rng.choice([0, 1, 16, 100, 64 * KB + 15, 1 << 70, -1])
+            res = self.both(f"take_one({limit})", lambda q: q.take_one(limit))
+            if res[0] == "ok" and res[1] is not None:
+                self.errors_seen.add(ChainError(res[1][1]))
+                self.takes += 1
+            elif res[0] == "raise" and res[1] is QueueBroken:
+                self.broke = True
         elif op in ("read", "write") and self.chains:
             useful = [c for c in self.chains if (c.readable if op == "read" else c.writable)]
             c = rng.choice(useful if useful and rng.random() < 0.8 else self.chains)
@@ -658,6 +667,7 @@ def test_engines_agree_on_a_seed_sweep() -> None:
     chains = 0
     raw = 0
     filled = 0
+    takes = 0
     refusals: set[int] = set()
     raised: Counter[type[BaseException]] = Counter()
     for seed in range(600):
@@ -669,6 +679,7 @@ def test_engines_agree_on_a_seed_sweep() -> None:
         chains += len(p.chains)
         raw += len(p.raw_heads)
         filled += p.filled
+        takes += p.takes
         refusals |= p.refusals
         raised += p.raised
     assert seen == set(ChainError), f"never produced: {set(ChainError) - seen}"
@@ -676,6 +687,7 @@ def test_engines_agree_on_a_seed_sweep() -> None:
     assert chains > 3000
     assert raw > 500
     assert filled > 200
+    assert takes > 40  # only a ring showing one chain is taken from
     assert {RX_READABLE, RX_TOO_SMALL, int(ChainError.HEAD_OUT_OF_RANGE),
             int(ChainError.LOOP)} <= refusals, refusals
     # copies through chains from before a memory change, negative offsets, bad push input
@@ -1377,3 +1389,51 @@ def test_auto_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch,
     assert engines.available_engines() == ["python"]
     with pytest.raises(engines.EngineUnavailable, match="cffi engine is not built"):
         engines.queue_factory("cffi")
+
+
+@needs_cffi
+@pytest.mark.parametrize("event_idx", [False, True])
+@pytest.mark.parametrize("limit", [-1, 0, 20, 1 << 20])
+def test_take_one_is_pop_push_notify_and_rearm_identically(event_idx: bool,
+                                                          limit: int) -> None:
+    """take_one, chain by chain, takes what one pop_raw_batch would, gives each back,
+    decides each notification, and re-arms kicks after the last chain shown."""
+    duo = Duo(size=16, event_idx=event_idx)
+    duo.each(_fill_raw)  # ten chains: good, writable, bad, out-of-range head
+    assert duo.both(lambda q: q.take_one(limit)) == ("ok", None)  # for the batch path
+    assert duo.queues[1].state.stats.popped == 0
+    # the guest makes them available one at a time, as a guest waiting for replies does
+    for d in duo.drivers:
+        d.avail[1] = (int(d.avail[1]) - 9) & 0xFFFF
+    taken = []
+    for _ in range(10):
+        res = duo.both(lambda q: q.take_one(limit))
+        assert res[0] == "ok" and res[1] is not None
+        taken.append(res[1])
+        assert res[1][5] is False  # nothing raced in
+        for d in duo.drivers:
+            d.avail[1] = (int(d.avail[1]) + 1) & 0xFFFF
+    for d in duo.drivers:
+        d.avail[1] = (int(d.avail[1]) - 1) & 0xFFFF
+    assert duo.both(lambda q: q.take_one(limit)) == ("ok", None)
+    ref = Duo(size=16, event_idx=event_idx)
+    ref.each(_fill_raw)
+    rb = ref.queues[0].pop_raw_batch(64, limit)
+    assert [t[0] for t in taken] == rb.heads.tolist()
+    assert [t[1] for t in taken] == rb.errors.tolist()
+    assert [t[2] for t in taken] == rb.has_writable.tolist()
+    assert [t[3] for t in taken] == [rb.payload(i) for i in range(rb.count)]
+    # interrupts: for every chain given back without event idx (flags 0; the chain with
+    # an out-of-range head is not), only for the first with it (used_event stays 0)
+    returned = [e != ChainError.HEAD_OUT_OF_RANGE for e in rb.errors.tolist()]
+    assert [t[4] for t in taken] == (returned if not event_idx else [True] + [False] * 9)
+    stats = duo.queues[1].state.stats
+    assert (stats.popped, stats.bad_chains, stats.pushed) == (10, 3, 9)
+    # every returnable head came back empty, in order
+    for d in duo.drivers:
+        assert d.get_used() == [(h, 0) for h in rb.returnable_heads().tolist()]
+    # the ring was drained and kicks re-armed: the guest's next buffer kicks
+    duo.each(lambda d, m: d.add([(BUF, 16, 0)]))
+    assert duo.each(lambda d, m: d.publish()) == [True, True]
+    ref.close()
+    duo.close()

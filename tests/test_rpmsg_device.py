@@ -189,6 +189,55 @@ def test_handler_exception_is_counted_and_server_goes_on(serve: Serve) -> None:
         assert slots[1025].stats == {"messages": 1, "bytes": 4, "to_guest": 1, "to_guest_bytes": 4}
 
 
+class Triple(Endpoint):
+    """Answers each message with three, sent one by one; notes whether a flush was left
+    for a later turn of the loop when it returned."""
+
+    left_for_later: list[bool] = []
+
+    def on_message(self, src: int, data: bytes) -> None:
+        assert self.port is not None
+        for i in range(3):
+            self.port.send(src, data + b"%d" % i)
+        Triple.left_for_later.append(self.device._flush_pending)
+
+    device: RpmsgDevice
+
+
+def test_what_a_handler_of_one_message_sends_goes_when_it_returns(serve: Serve) -> None:
+    """One message per kick takes the single-message path; the handler's sends reach the
+    ring when it returns, in order, with no flush scheduled for a later turn."""
+    Triple.left_for_later = []
+    ep = Triple(1024)
+    r = serve([ep])
+    ep.device = r.device
+    with r.guest() as g:
+        g.open(2100)
+        for k in range(5):
+            g.send(2100, 1024, b"m%d-" % k)
+            for i in range(3):
+                assert g.recv(2100) == (1024, b"m%d-%d" % (k, i))
+    assert Triple.left_for_later == [False] * 5
+    assert r.device.dispatcher.slots[1024].stats["to_guest"] == 15
+
+
+def test_a_malformed_single_message_is_counted_as_in_a_batch(serve: Serve) -> None:
+    """The single-message path checks the header as the batch parse does."""
+    r = serve([Echo(1024)])
+    with r.guest() as g:
+        assert g.ram is not None
+        g.open(2200)
+        scratch = g.ram.alloc(4096, 4096)
+        cut = rp.encode_message(2200, 1024, b"cut")[:-1]  # the header says 3 bytes, 2 follow
+        g.ram.mv[scratch : scratch + len(cut)] = cut
+        g.send_chain([(scratch, len(cut), 0)])
+        wait_until(lambda: r.device.stats["bad_messages"] == 1)
+        g.send(2200, 1024, b"after")
+        assert g.recv(2200) == (1024, b"after")
+        assert r.device.stats["to_host_messages"] == 1
+        assert r.device.stats["bad_chains"] == 0
+
+
 def test_unknown_destination_counted_and_buffer_returned(serve: Serve) -> None:
     r = serve([Echo(1024)])
     with r.guest(queue_size=8) as g:

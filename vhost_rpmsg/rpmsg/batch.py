@@ -134,7 +134,7 @@ def parse(rb: RawBatch, split_headers: SplitHeaders = numpy_split_headers) -> Pa
         chain_ids = np.arange(rb.count) if idx is None else idx
         for k in np.flatnonzero(bad).tolist():
             n = int(lengths[k])
-            why = _short_why(n) if n < rp.HDR_SIZE else _long_why(int(plen[k]), n)
+            why = short_why(n) if n < rp.HDR_SIZE else long_why(int(plen[k]), n)
             bad_messages.append((int(chain_ids[k]), why))
         keep = ~bad
         hdr, offsets, plen = hdr[keep], offsets[keep], plen[keep]
@@ -159,8 +159,8 @@ def _check_native(data: bytes, headers: np.ndarray, offsets: np.ndarray,
         for k, why in zip(out[4 * n : 4 * n + nbad].tolist(),
                           out[5 * n : 5 * n + nbad].tolist(), strict=True):
             m = int(lengths[k])
-            text = (_short_why(m) if why == _lib.RP_MSG_SHORT
-                    else _long_why(int(plen_all[k]), m))
+            text = (short_why(m) if why == _lib.RP_MSG_SHORT
+                    else long_why(int(plen_all[k]), m))
             bad_messages.append((k if idx is None else int(idx[k]), text))
     srcs, dsts = out[:good], out[n : n + good]
     starts, plen = out[2 * n : 2 * n + good], out[3 * n : 3 * n + good]
@@ -185,12 +185,12 @@ def _runs(data: bytes, srcs: np.ndarray, dsts: np.ndarray, starts: np.ndarray,
             for a, b in itertools.pairwise(bounds)]
 
 
-def _short_why(n: int) -> str:
+def short_why(n: int) -> str:
     """Why an ``n``-byte message is refused when it has no room for a header."""
     return f"{n} bytes cannot hold a {rp.HDR_SIZE}-byte header"
 
 
-def _long_why(declared: int, n: int) -> str:
+def long_why(declared: int, n: int) -> str:
     """Why an ``n``-byte message is refused when its header claims ``declared`` bytes."""
     return f"header says {declared} payload bytes, buffer holds {n - rp.HDR_SIZE}"
 
@@ -210,11 +210,11 @@ def _parse_small(rb: RawBatch, idx: np.ndarray | None, bad_chains: list[int]) ->
     for i in (range(rb.count) if idx is None else idx.tolist()):
         o, n = offsets[i], lengths[i]
         if n < hdr:
-            bad_messages.append((i, _short_why(n)))
+            bad_messages.append((i, short_why(n)))
             continue
         src, dst, _, length, _ = unpack(data, o)
         if length > n - hdr:
-            bad_messages.append((i, _long_why(length, n)))
+            bad_messages.append((i, long_why(length, n)))
             continue
         if dst != run_dst:
             srcs, starts, plens = [], [], []

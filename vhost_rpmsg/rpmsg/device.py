@@ -32,9 +32,9 @@ from ..virtio.constants import (
     VIRTIO_RING_F_INDIRECT_DESC,
     VIRTIO_RPMSG_F_NS,
 )
-from ..virtio.queue import Chain, ChainError, Queue, QueueBroken, RawBatch
+from ..virtio.queue import Chain, ChainError, Queue, QueueBroken, RawBatch, Taken
 from . import codec as rp
-from .batch import Parsed, parse
+from .batch import Parsed, long_why, parse, short_why
 from .dispatch import HANDLER_QUEUE_LIMIT, Dispatcher
 from .errors import PayloadTooLarge, WouldBlock
 from .outbox import BATCH, Outbox
@@ -134,6 +134,8 @@ class RpmsgDevice(VirtioDevice):
         self._room: asyncio.Event | None = None
         self._flush_pending = False
         self._drain_pending = False
+        #: a handler of a single message is running: its sends are flushed when it returns
+        self._dispatching = False
         for ep in endpoints:
             self.add_endpoint(ep)
 
@@ -209,8 +211,10 @@ class RpmsgDevice(VirtioDevice):
         if vring.index == TO_GUEST:
             self.flush()
             self.wake()  # iterator-API writers waiting for a buffer
+        elif self.auto_dispatch:  # (what _guest_sent does, one call less per kick)
+            self._service_to_host(vring)
         else:
-            self._guest_sent(vring)
+            self.wake()
 
     def _guest_sent(self, vring: Vring) -> None:
         if self.auto_dispatch:
@@ -336,6 +340,20 @@ class RpmsgDevice(VirtioDevice):
             raise
 
     def _drain_to_host(self, vr: Vring, q: Queue) -> None:
+        if not vr.ready:
+            return
+        # A guest that waits for each reply kicks for one message at a time: take it with
+        # one engine call and no arrays, and go on to batches only if more are there.
+        if self.outbox.room() > 0:
+            one = q.take_one(MAX_READ)
+            if one is not None:
+                if one[4]:
+                    vr.interrupt()
+                else:
+                    q.state.stats.notifies_suppressed += 1
+                self._dispatch_one(one)
+                if not one[5]:
+                    return
         for _ in range(DRAIN_BUDGET):
             if not vr.ready:
                 return
@@ -389,16 +407,49 @@ class RpmsgDevice(VirtioDevice):
         """Parse a raw batch from ``q``; count and log (rate-limited) what was not a message."""
         parsed = parse(rb, q.split_headers)
         for i in parsed.bad_chains:
-            self.stats["bad_chains"] += 1
-            err = ChainError(int(rb.errors[i]))
-            what = err.name if err is not ChainError.OK else "device-writable buffers"
-            self._rl.error("chain", "to_host: bad descriptor chain at head %d: %s",
-                           int(rb.heads[i]), what)
+            self._bad_chain(int(rb.heads[i]), int(rb.errors[i]))
         for i, why in parsed.bad_messages:
-            self.stats["bad_messages"] += 1
-            self._rl.error("msg", "to_host: malformed message in chain %d: %s",
-                           int(rb.heads[i]), why)
+            self._bad_message(int(rb.heads[i]), why)
         return parsed
+
+    def _bad_chain(self, head: int, error: int) -> None:
+        self.stats["bad_chains"] += 1
+        err = ChainError(error)
+        what = err.name if err is not ChainError.OK else "device-writable buffers"
+        self._rl.error("chain", "to_host: bad descriptor chain at head %d: %s", head, what)
+
+    def _bad_message(self, head: int, why: str) -> None:
+        self.stats["bad_messages"] += 1
+        self._rl.error("msg", "to_host: malformed message in chain %d: %s", head, why)
+
+    def _dispatch_one(self, taken: Taken) -> None:
+        """What :meth:`parse` and :meth:`_dispatch` do, for the one message ``take_one``
+        took.  Handlers meet it as a batch of one, as they would on the batch path; what
+        they send goes to the guest when they return, in one pass (``_dispatching``)."""
+        head, error, writable, data = taken[0], taken[1], taken[2], taken[3]
+        if error or writable:
+            self._bad_chain(head, error)
+            return
+        n = len(data)
+        if n < rp.HDR_SIZE:
+            self._bad_message(head, short_why(n))
+            return
+        src, dst, _, length, _ = rp.unpack_header(data, 0)
+        if length > n - rp.HDR_SIZE:
+            self._bad_message(head, long_why(length, n))
+            return
+        self.stats["to_host_messages"] += 1
+        if dst == rp.NS_ADDR:
+            self.ns.from_guest(src, data[rp.HDR_SIZE : rp.HDR_SIZE + length])
+            return
+        self._dispatching = True
+        try:
+            self.dispatcher.deliver_one(src, dst, data, length)
+        finally:
+            with self.mutex:
+                self._dispatching = False
+                if len(self.outbox):
+                    self.flush()
 
     def _dispatch(self, parsed: Parsed) -> None:
         """Hand each run of messages for one address to its endpoint."""
@@ -439,8 +490,8 @@ class RpmsgDevice(VirtioDevice):
                     self.stats["would_block"] += 1
                     raise WouldBlock(f"guest has no free rx buffer and {len(self.outbox)} "
                                      "messages are queued")
-            if not self._flush_pending:
-                self._flush_soon()
+            if not self._flush_pending and not self._dispatching:
+                self._flush_soon()  # (a handler's sends go when it returns)
 
     def send_many(self, src: int, messages: list[tuple[int, bytes]]) -> None:
         """Send several (dst, payload) messages from ``src``: one pass over the ring, one
@@ -519,8 +570,17 @@ class RpmsgDevice(VirtioDevice):
                 return
             try:
                 with q.state.lock:
-                    wrote, more = self.outbox.fill(q)
-                    vr.notify()
+                    wrote = 0
+                    if len(self.outbox) == 1:  # a reply: no batch to build
+                        wrote, notify = self.outbox.fill_one(q)
+                        if notify:
+                            vr.interrupt()
+                        else:
+                            q.state.stats.notifies_suppressed += 1
+                    more = False
+                    if not wrote:
+                        wrote, more = self.outbox.fill(q)
+                        vr.notify()
             except QueueBroken as e:
                 # The guest's fault, not the sender's: the ring breaks (logged, err
                 # eventfd signalled); what is queued waits for the ring's next setup.

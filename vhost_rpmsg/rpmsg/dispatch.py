@@ -104,13 +104,33 @@ class Dispatcher:
         n = len(run.srcs)
         slot = self.slots.get(run.dst)
         if slot is None:
-            self._stats["unknown_destination"] += n
-            self._rl.error("dst", "no host endpoint at %d (from guest %d); "
-                           "%d message(s) discarded", run.dst, int(run.srcs[0]), n)
+            self._unknown(run.dst, int(run.srcs[0]), n)
             return
         stats = slot.stats
         stats["messages"] += n
         stats["bytes"] += run.total_bytes()
+        self._run(slot, run, n)
+
+    def deliver_one(self, src: int, dst: int, data: bytes, length: int) -> None:
+        """:meth:`deliver` of the one message ``data[HDR_SIZE : HDR_SIZE + length]``, as
+        a batch of one: no sums over arrays."""
+        slot = self.slots.get(dst)
+        if slot is None:
+            self._unknown(dst, src, 1)
+            return
+        stats = slot.stats
+        stats["messages"] += 1
+        stats["bytes"] += length
+        self._run(slot, MessageBatch(data, dst, [src], [rp.HDR_SIZE], [length]), 1)
+
+    def _unknown(self, dst: int, src: int, n: int) -> None:
+        self._stats["unknown_destination"] += n
+        self._rl.error("dst", "no host endpoint at %d (from guest %d); "
+                       "%d message(s) discarded", dst, src, n)
+
+    def _run(self, slot: EndpointSlot, run: MessageBatch, n: int) -> None:
+        """The endpoint's handler on ``run`` (``n`` messages), in its style."""
+        stats = slot.stats
         ep = slot.endpoint
         style = slot.style
         if style == "async":

@@ -106,6 +106,19 @@ class Outbox:
                 return wrote, False
         return wrote, bool(out)
 
+    def fill_one(self, q: Queue) -> tuple[int, bool]:
+        """:meth:`fill` for an outbox of one message, with the notification decision
+        (``Queue.put_one``: no list, no :class:`Filled`): (written, notify).  When nothing
+        was written the caller notifies as asked, then falls back to :meth:`fill`."""
+        msg = self._q[0]
+        written, refused, _, notify = q.put_one(msg)
+        for head, kind, detail, _ in refused:
+            self._refused(head, kind, detail, len(msg))
+        if written:
+            self._stats["to_guest_messages"] += 1
+            self._q.clear()
+        return written, notify
+
     def _refused(self, head: int, kind: int, detail: int, size: int) -> None:
         """Count and log (rate-limited) an rx chain ``fill_rx`` gave back empty."""
         if kind == RX_TOO_SMALL:

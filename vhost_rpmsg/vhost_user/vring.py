@@ -96,10 +96,15 @@ class Vring:
 
     def notify(self) -> bool:
         """Interrupt the guest if it wants it; returns whether we did."""
-        stats = self.queue.state.stats
         if not self.queue.need_notify():
-            stats.notifies_suppressed += 1
+            self.queue.state.stats.notifies_suppressed += 1
             return False
+        return self.interrupt()
+
+    def interrupt(self) -> bool:
+        """Write the call eventfd, the guest having asked for it (``notify``, or an engine
+        call that made the same decision); returns whether the write went."""
+        stats = self.queue.state.stats
         fd = self.call_fd
         if fd is None:
             return False

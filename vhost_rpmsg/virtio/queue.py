@@ -287,6 +287,16 @@ class Filled:
     exhausted: bool
 
 
+#: what :meth:`Queue.take_one` took: (head, ChainError value, has_writable, the bytes
+#: copied, whether the guest wants an interrupt now, whether chains are left to take).
+#: A plain tuple: it is made once per message on the single-message path.
+Taken = tuple[int, int, bool, bytes, bool, bool]
+
+#: what :meth:`Queue.put_one` did: :class:`Filled`'s written, refused and exhausted, and
+#: whether the guest wants an interrupt now
+Put = tuple[int, list[tuple[int, int, int, int]], bool, bool]
+
+
 @dataclass
 class QueueStats:
     popped: int = 0
@@ -442,6 +452,15 @@ class Queue(Protocol):
         """:meth:`pop_batch` + :meth:`read_chain` of up to ``limit`` bytes, as arrays."""
         ...
 
+    def take_one(self, limit: int) -> Taken | None:
+        """The single-message path of a copying consumer, for a ring showing exactly one
+        chain: :meth:`pop_raw_batch` of it (``limit`` bytes), :meth:`push_used` (length 0,
+        unless its head is out of range), :meth:`need_notify`, :meth:`enable_kicks` (see
+        :data:`Taken`).  None, and nothing taken, when the ring shows none (kicks are
+        enabled again) or several (they are for the batch operations).  Errors and stats
+        as those operations'."""
+        ...
+
     def split_headers(self, rb: RawBatch, size: int) -> np.ndarray:
         """The first ``size`` bytes of every chain of ``rb`` as a (count, size) uint8
         array, zero-filled past a chain's end: the hook a device parses headers with."""
@@ -474,6 +493,11 @@ class Queue(Protocol):
         writable bytes) is refused and given back empty, and the message tries the next
         one.  Looks at no more chains than one read of the avail idx shows.
         """
+        ...
+
+    def put_one(self, message: bytes) -> Put:
+        """:meth:`fill_rx` of one message, then :meth:`need_notify` (see :data:`Put`):
+        the single-message path of a sender, without a :class:`Filled` per message."""
         ...
 
     def read_chain(self, chain: Chain, limit: int | None = None, offset: int = 0) -> bytes:

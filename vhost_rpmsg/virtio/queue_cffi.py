@@ -47,10 +47,12 @@ from .queue import (
     Chain,
     ChainError,
     Filled,
+    Put,
     QueueBroken,
     QueueState,
     RawBatch,
     Segment,
+    Taken,
     ring_sizes,
     stale_chain,
     used_entries_array,
@@ -219,6 +221,17 @@ class _Raw:
         self.data_view = ffi.buffer(a)
 
 
+class _Take:
+    """vr_take_one's struct and its one-chain block, over the queue's vr_pop_raw scratch
+    (shared with pop_raw_batch, so buffers grown by either serve both)."""
+
+    def __init__(self, rw: _Raw) -> None:
+        self.rw = rw
+        self.t = ffi.new("vr_take *")
+        self.block = _raw_alloc("int64_t[]", (_RAW_BYTES + 7) // 8)
+        self.t.block = self.block
+
+
 class _Fill:
     """Reusable arrays of vr_fill_rx for one queue size (used under the queue lock only):
     room for the segments of any chain (2 * size + 1) and a refusal per chain shown."""
@@ -236,6 +249,7 @@ class _Fill:
             setattr(f, name, a)
         self.keep["used_ent"] = f.used_ent = ffi.new("uint32_t[]", 2 * size)
         f.ref_cap = size
+        self.one = ffi.new("uint64_t[1]")  # put_one's message length
 
     def grow_segs(self, n: int) -> None:
         for name, ctype in (
@@ -284,6 +298,7 @@ class CffiQueue:
         self._batch: _Batch | None = None
         self._raw: _Raw | None = None
         self._fill: _Fill | None = None
+        self._take: _Take | None = None
 
     def _current(self) -> _State | None:
         """The snapshot to hand C, or None where only the Python engine may act."""
@@ -433,6 +448,53 @@ class CffiQueue:
                             _frombuffer(buf, _BOOL, k, 21 * n), _frombuffer(buf, _I64, k, 8 * n),
                             _frombuffer(buf, _I64, k, 0), data, nbad, r.nwritable, r.nhead_bad)
 
+    def take_one(self, limit: int) -> Taken | None:
+        """The single-message path in one C call (``vr_take_one``): pop, copy, give back,
+        notification decision, kicks re-armed; no array is made."""
+        st = self._current()
+        if st is None or type(limit) is not int:
+            return self.reference.take_one(limit)
+        state = self.state
+        with state.lock:
+            tk = self._take
+            if tk is None:
+                rw = self._raw
+                if rw is None:
+                    rw = self._raw = _Raw()
+                tk = self._take = _Take(rw)
+            t = tk.t
+            t.flags = lib.VR_F_INDIRECT if state.indirect else 0
+            t.event_idx = state.event_idx
+            t.limit = limit if 0 <= limit < 1 << 64 else (0 if limit < 0 else (1 << 64) - 1)
+            t.last_avail = state.last_avail_idx
+            t.used_idx = state.used_idx
+            t.signalled = state.signalled_used
+            rw = tk.rw
+            status = lib.vr_take_one(st.ring, rw.r, t)
+            while status:  # nothing was taken: grow what ran short and take again
+                if status == lib.VR_POP_AHEAD:
+                    raise QueueBroken(f"avail idx {t.avail_idx} is {t.pending} ahead of "
+                                      f"{state.last_avail_idx}")
+                r = rw.r
+                if status == lib.VR_POP_NEED_SEGS:
+                    rw.grow_segs(max(2 * rw.seg_cap, r.need))
+                else:
+                    rw.grow_data(max(2 * rw.data_cap, r.need), 0)
+                status = lib.vr_take_one(st.ring, r, t)
+            if not t.taken:
+                return None
+            state.last_avail_idx = t.last_avail
+            state.used_idx = t.used_idx
+            state.signalled_used = t.signalled
+            error = t.error
+            stats = state.stats
+            stats.popped += 1
+            if error:
+                stats.bad_chains += 1
+            stats.pushed += t.returned
+            return (t.head, error, bool(t.writable), rw.data_view[0 : t.length],
+                    bool(t.notify), bool(t.more))
+
     def split_headers(self, rb: RawBatch, size: int) -> np.ndarray:
         """The first ``size`` bytes of every chain of ``rb``, zero-filled: one C call."""
         n = rb.count
@@ -563,6 +625,42 @@ class CffiQueue:
                                 ffi.unpack(f.ref_detail, k), ffi.unpack(f.ref_msg, k),
                                 strict=True)) if k else [])
             return Filled(f.written, refused, bool(f.exhausted))
+
+    def put_one(self, message: bytes) -> Put:
+        """``vr_fill_rx`` of one message and ``vr_need_notify``: two C calls, no list."""
+        st = self._current()
+        if st is None or type(message) is not bytes:
+            return self.reference.put_one(message)
+        state = self.state
+        with state.lock:
+            fb = self._fill
+            if fb is None or fb.size != st.size:
+                fb = self._fill = _Fill(st.size)
+            f = fb.f
+            f.flags = lib.VR_F_INDIRECT if state.indirect else 0
+            f.last_avail = state.last_avail_idx
+            f.used_idx = state.used_idx
+            fb.one[0] = len(message)
+            status = lib.vr_fill_rx(st.ring, f, message, fb.one, 1)
+            if status == lib.VR_POP_AHEAD:
+                raise QueueBroken(f"avail idx {f.avail_idx} is {f.pending} ahead of "
+                                  f"{state.last_avail_idx}")
+            if status != lib.VR_POP_DONE:  # more segments than 2 * size + 1: not reached
+                raise AssertionError(f"vr_fill_rx returned {status}")
+            state.last_avail_idx = f.last_avail
+            new = state.used_idx = f.used_idx
+            stats = state.stats
+            stats.popped += f.popped
+            stats.bad_chains += f.nbad
+            stats.pushed += f.pushed
+            k = f.nrefused
+            refused = (list(zip(ffi.unpack(f.ref_head, k), ffi.unpack(f.ref_kind, k),
+                                ffi.unpack(f.ref_detail, k), ffi.unpack(f.ref_msg, k),
+                                strict=True)) if k else [])
+            old = state.signalled_used
+            state.signalled_used = new
+            notify = bool(lib.vr_need_notify(st.ring, new, old, 1 if state.event_idx else 0))
+            return f.written, refused, bool(f.exhausted), notify
 
     # -- payload copies ------------------------------------------------------------------
 

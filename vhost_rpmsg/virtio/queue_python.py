@@ -34,9 +34,11 @@ from .queue import (
     Chain,
     ChainError,
     Filled,
+    Put,
     QueueBroken,
     QueueState,
     RawBatch,
+    Taken,
     stale_chain,
     used_entries_array,
     used_heads_array,
@@ -254,6 +256,27 @@ class PythonQueue:
         payloads = [self.read_chain(c, limit) if c.ok else b"" for c in chains]
         return RawBatch.from_chains(chains, payloads)
 
+    def take_one(self, limit: int) -> Taken | None:
+        """The single-message path, composed of the batch operations it stands for."""
+        limit = operator.index(limit)
+        with self.state.lock:
+            if not self.state.mapped:
+                return None
+            shown = self.pending()
+            if shown != 1:
+                if not shown:
+                    self.enable_kicks()  # as the batch path's last, empty round
+                return None  # several: for the batch operations
+            rb = self.pop_raw_batch(1, limit)
+            if not rb.count:
+                return None
+            head, error = int(rb.heads[0]), int(rb.errors[0])
+            if error != ChainError.HEAD_OUT_OF_RANGE:
+                self.push_used(rb.heads, 0)
+            notify = self.need_notify()
+            more = shown > 1 or self.enable_kicks()
+            return head, error, bool(rb.has_writable[0]), rb.data, notify, more
+
     def push_batch(self, entries: list[tuple[int, int]] | np.ndarray) -> None:
         """Publish (head, bytes written) pairs on the used ring, then the new used idx.
 
@@ -375,6 +398,11 @@ class PythonQueue:
             offset = 0
             want -= take
         return b"".join(parts)
+
+    def put_one(self, message: bytes) -> Put:
+        """The single-message path, composed of the operations it stands for."""
+        done = self.fill_rx([message])
+        return done.written, done.refused, done.exhausted, self.need_notify()
 
     def fill_rx(self, messages: Sequence[bytes]) -> Filled:
         """Write ``messages`` in order, one per available chain, and publish them

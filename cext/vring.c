@@ -289,6 +289,7 @@ int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
         const uint8_t err = walk(ring, indirect_ok, head, &sink, 0, &w);
         uint64_t want = 0;
         uint8_t writable = 0;
+        int in_place = 0;
 
         if (err == VR_CHAIN_OK) {
             /* Only the readable segments are copied; they are recorded first. */
@@ -297,6 +298,9 @@ int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
                 return VR_POP_NEED_SEGS;
             }
             want = w.read_len < r->data_limit ? w.read_len : r->data_limit;
+            in_place = (r->flags & VR_F_LOCATE) && w.nread == 1;
+            if (in_place && want > r->head_limit)
+                want = r->head_limit;
             if (want > r->data_cap - used) {
                 r->need = used + want;
                 return VR_POP_NEED_DATA;
@@ -309,6 +313,12 @@ int vr_pop_raw(const vr_ring *ring, vr_raw *r, void *block, uint32_t cap,
             r->nhead_bad += err == VR_CHAIN_HEAD_OUT_OF_RANGE;
         }
         r->reads += w.reads; /* taken: a chain that stopped the call is walked again */
+        if (r->flags & VR_F_LOCATE) {
+            /* the readable segments were recorded first: the one segment is number 0 */
+            r->loc_region[i] = in_place ? (int32_t)r->seg_region[0] : -1;
+            r->loc_off[i] = in_place ? (int64_t)r->seg_off[0] : 0;
+            r->read_len[i] = err == VR_CHAIN_OK ? (int64_t)w.read_len : 0;
+        }
         r->heads[i] = head;
         r->errors[i] = err;
         r->has_writable[i] = writable;

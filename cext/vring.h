@@ -40,6 +40,7 @@
 /* vr_batch.flags */
 #define VR_F_INDIRECT 1u /* VIRTIO_RING_F_INDIRECT_DESC negotiated */
 #define VR_F_CONTINUE 2u /* go on with a batch: pop exactly max_chains, no avail idx read */
+#define VR_F_LOCATE 4u   /* vr_pop_raw: leave one-segment chains in place (see vr_raw) */
 
 /* vr_pop_batch() results */
 #define VR_POP_DONE      0  /* every chain of the batch popped */
@@ -142,6 +143,13 @@ int vr_pop_batch(const vr_ring *ring, vr_batch *b);
  *
  * The segments of one chain at a time are recorded in the scratch segment arrays; only
  * the readable ones of a chain without error must fit (NEED_SEGS otherwise).
+ *
+ * With VR_F_LOCATE (zero-copy receive), a chain without error whose readable bytes are
+ * one segment has only its first min(head_limit, data_limit, read_len) bytes copied, and
+ * loc_region[i] / loc_off[i] say where the whole segment lies (a region index and an
+ * offset in it; the walk checked that it lies inside that region); every other chain is
+ * copied as above, with loc_region[i] = -1.  read_len[i] is the chain's readable length
+ * (0 with an error).  The three arrays are the caller's, cap entries each.
  */
 #define VR_RAW_CHAIN_BYTES 22
 
@@ -179,6 +187,11 @@ typedef struct vr_raw {
     uint32_t *seg_len;
     uint8_t *seg_writable;
     uint8_t *data;
+    /* VR_F_LOCATE only (set with the batch's first call) */
+    uint64_t head_limit;
+    int32_t *loc_region;
+    int64_t *loc_off;
+    int64_t *read_len;
 } vr_raw;
 
 /*

@@ -44,6 +44,7 @@ with atheris.instrument_imports(include=["vhost_rpmsg"]):
     from vhost_rpmsg.virtio.memory import BadAddress, GuestMemory
     from vhost_rpmsg.virtio.queue import (
         Chain,
+        Located,
         QueueBroken,
         QueueState,
         RawBatch,
@@ -66,8 +67,8 @@ CLEAN: tuple[type[Exception], ...] = (QueueBroken, StaleChain)
 (W_DESC, W_AVAIL, PUBLISH, W_IDX, W_FLAGS, W_RAW, W_TABLE,
  POP, POP_RAW, READ, WRITE, PUSH_LIST, PUSH_ARRAY, PUSH_USED, NOTIFY, KICKS_OFF, KICKS_ON,
  PENDING, UNPOP, SPLIT, SPLIT_MADE_UP, MADE_UP_COPY, MEM_ADD, MEM_REMOVE, REMAP, UNMAP,
- FEATURES, RESTART) = range(28)
-NSTEPS = 28
+ FEATURES, RESTART, TAKE_ONE, POP_LOCATED, PUT_ONE) = range(31)
+NSTEPS = 31
 
 
 
@@ -195,6 +196,8 @@ class Side:
         return [v.tobytes() for v in views]
 
     def remember(self, result: Any) -> None:
+        if isinstance(result, Located):  # its heads go back like a raw batch's
+            result = result.raw
         if isinstance(result, RawBatch):
             self.raws = [*self.raws[-KEEP + 1 :], result]
         elif isinstance(result, list):
@@ -390,6 +393,19 @@ class Pair:
             sel = r.u8() % 10
             limit = r.u16() if sel == 8 else (-1, 0, 1, 8, 16, 20, 512, 1 << 20, 0, 1 << 70)[sel]
             self.device(f"pop_raw_batch({k}, {limit})", lambda s: s.q.pop_raw_batch(k, limit))
+        elif op == TAKE_ONE:  # the single-message path: pop, give back, notify, re-arm
+            sel = r.u8() % 6
+            limit = r.u16() if sel == 5 else (-1, 0, 16, 512, 1 << 70)[sel]
+            self.device(f"take_one({limit})", lambda s: s.q.take_one(limit))
+        elif op == POP_LOCATED:  # zero-copy receive: one-segment chains left in place
+            k = r.u8()
+            head = (0, 16, 1 << 20, -1)[r.u8() % 4]
+            limit = (-1, 0, 16, 512, 1 << 20)[r.u8() % 5]
+            self.device(f"pop_located({k}, {head}, {limit})",
+                        lambda s: s.q.pop_located(k, head, limit))
+        elif op == PUT_ONE:
+            msg = r.blob()
+            self.device(f"put_one({len(msg)} bytes)", lambda s: s.q.put_one(msg))
         elif op in (READ, WRITE):
             if not a.chains:
                 return

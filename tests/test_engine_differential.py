@@ -407,6 +407,7 @@ class Pair(Engines):
         self.broke = False
         self.filled = 0  # messages fill_rx wrote
         self.takes = 0  # chains take_one took
+        self.located = 0  # chains pop_located left in place
         self.refusals: set[int] = set()  # kinds of chain fill_rx refused
 
     def close(self) -> None:
@@ -484,8 +485,8 @@ class Pair(Engines):
         rng = self.rng
         op = rng.choices(
             ["pop", "popread", "popraw", "read", "write", "push", "notify", "kicks",
-             "publish", "features", "memory", "rebase", "fill", "take"],
-            weights=[20, 8, 8, 14, 10, 12, 8, 5, 12, 3, 1, 2, 10, 8],
+             "publish", "features", "memory", "rebase", "fill", "take", "located"],
+            weights=[20, 8, 8, 14, 10, 12, 8, 5, 12, 3, 1, 2, 10, 8, 6],
         )[0]
         if op == "pop":
             n = rng.choice([1, 2, 3, 8, 64, self.size, self.size + 3, 0, -1, 1 << 40])
@@ -501,6 +502,17 @@ class Pair(Engines):
             self.note(self.both(f"pop_raw_batch({n}, {limit})",
                                 lambda q: q.pop_raw_batch(n, limit)))
             self.split_both()
+        elif op == "located":
+            n = rng.choice([1, 4, 64, self.size, self.size + 3, 0, -1])
+            head = rng.choice([0, 16, 100, -1])
+            limit = rng.choice([0, 1, 16, 100, 64 * KB + 15, 1 << 70, -1])
+            res = self.both(f"pop_located({n}, {head}, {limit})",
+                            lambda q: q.pop_located(n, head, limit))
+            if res[0] == "ok":
+                self.note(("ok", res[1].raw))
+                self.located += int((res[1].region >= 0).sum())
+            elif res[0] == "raise" and res[1] is QueueBroken:
+                self.broke = True
         elif op == "take":
             limit = rng.choice([0, 1, 16, 100, 64 * KB + 15, 1 << 70, -1])
             res = self.both(f"take_one({limit})", lambda q: q.take_one(limit))
@@ -668,6 +680,7 @@ def test_engines_agree_on_a_seed_sweep() -> None:
     raw = 0
     filled = 0
     takes = 0
+    located = 0
     refusals: set[int] = set()
     raised: Counter[type[BaseException]] = Counter()
     for seed in range(600):
@@ -680,6 +693,7 @@ def test_engines_agree_on_a_seed_sweep() -> None:
         raw += len(p.raw_heads)
         filled += p.filled
         takes += p.takes
+        located += p.located
         refusals |= p.refusals
         raised += p.raised
     assert seen == set(ChainError), f"never produced: {set(ChainError) - seen}"
@@ -688,6 +702,7 @@ def test_engines_agree_on_a_seed_sweep() -> None:
     assert raw > 500
     assert filled > 200
     assert takes > 40  # only a ring showing one chain is taken from
+    assert located > 200
     assert {RX_READABLE, RX_TOO_SMALL, int(ChainError.HEAD_OUT_OF_RANGE),
             int(ChainError.LOOP)} <= refusals, refusals
     # copies through chains from before a memory change, negative offsets, bad push input
@@ -1435,5 +1450,38 @@ def test_take_one_is_pop_push_notify_and_rearm_identically(event_idx: bool,
     # the ring was drained and kicks re-armed: the guest's next buffer kicks
     duo.each(lambda d, m: d.add([(BUF, 16, 0)]))
     assert duo.each(lambda d, m: d.publish()) == [True, True]
+    ref.close()
+    duo.close()
+
+
+@needs_cffi
+@pytest.mark.parametrize("head", [0, 16, 1 << 20])
+def test_pop_located_leaves_one_segment_chains_in_place_identically(head: int) -> None:
+    """pop_located copies what pop_raw_batch copies, except the tail of a chain whose
+    readable bytes are one segment: that one is located instead, in the region it lies in."""
+    duo = Duo(size=16)
+    duo.each(_fill_raw)
+    res = duo.both(lambda q: q.pop_located(64, head, 1 << 20))
+    assert res[0] == "ok"
+    lb = res[1]
+    ref = Duo(size=16)
+    ref.each(_fill_raw)
+    rb = ref.queues[0].pop_raw_batch(64, 1 << 20)
+    assert lb.raw.heads.tolist() == rb.heads.tolist()
+    assert lb.raw.errors.tolist() == rb.errors.tolist()
+    ram = duo.mems[0].gm.regions[0].mem
+    # chains 0, 3 (also writable) and 9 are one readable segment; 1 and 6 (indirect) are
+    # two; 2 (writable only) and 5 (an empty buffer) have none; 4, 7 and 8 have errors
+    assert (lb.region >= 0).tolist() == [True, False, False, True, False, False, False,
+                                         False, False, True]
+    for i in range(rb.count):
+        whole = rb.payload(i)
+        if lb.region[i] >= 0:
+            o, n = int(lb.offset[i]), int(lb.read_len[i])
+            assert n == len(whole) and ram[o : o + n].tobytes() == whole
+            assert lb.raw.payload(i) == whole[:head]
+        else:
+            assert lb.raw.payload(i) == whole
+            assert lb.read_len[i] == (len(whole) if rb.errors[i] == 0 else 0)
     ref.close()
     duo.close()

@@ -211,7 +211,7 @@ def test_plain_text_from_docstrings() -> None:
 
 
 def test_options_come_from_the_constructor() -> None:
-    assert options(Echo) == [] and options(Sink) == []
+    assert options(Echo) == [] and options(Sink) == ["zero_copy=0"]
     assert options(Source) == ["dst", "size=64", "rate=100.0", "count=0"]
     assert options(UnixBridge) == ["path", "dst", "mode=0600"]
 
@@ -262,7 +262,8 @@ def test_plugins_lists_everything_with_its_state(tmp_path: Path) -> None:
     assert all(len(line) <= 110 for line in text.splitlines())  # the non-terminal width
     assert "options: dst, size=64, rate=100.0, count=0" in entries["source"]
     assert "options: path, dst, mode=0600" in entries["unix"]
-    assert "options: none" in entries["sink"]
+    assert "options: none" in entries["echo"]
+    assert "options: zero_copy=0" in entries["sink"]
     # and the log says the same, on stderr
     assert re.search(r"WARNING .*'bad' from badplug 1.0 is broken: .*needs libfoo",
                      out.stderr)

@@ -6,6 +6,8 @@ Cases, per engine:
     as fast as it can; a final sync round trip proves the host handled them all.
   * ``source S`` host → guest: a control message asks the host to send N messages of S
     bytes as fast as the guest takes them; timed until the guest has counted them all.
+  * ``zero-copy sink S``  the sink case with the sink taking the messages in guest
+    memory (``Endpoint.zero_copy``): no copy out of the ring.
   * ``echo``     round trips of 16-byte messages to an echo endpoint: p50 / p99.
   * ``fd sink S`` / ``fd source S``  the same traffic through an fd endpoint from the
     control socket, held by a C program (vhost_rpmsg/cdata/bench_fd_peer.c, compiled at run time):
@@ -102,6 +104,8 @@ TARGETS: tuple[Target, ...] = (
            "x", PERF_DOC),
     Target("sink496_over_memcpy", "sink 496 B / memcpy floor message rate", ">=", 0.8,
            "x", PERF_ISSUE),
+    Target("zc_sink496_over_memcpy", "zero-copy sink 496 B / memcpy floor message rate",
+           ">=", 0.8, "x", PERF_ISSUE),
     Target("source496_over_sink496", "source 496 B / sink 496 B message rate", ">=", 0.25,
            "x", PERF_ISSUE),
     Target("echo_p50_over_pingpong", "echo p50 / eventfd ping-pong p50", "<=", 2.0, "x",
@@ -209,6 +213,10 @@ class Report:
         s496 = self.find("sink", "cffi", 496) or self.find("sink", "python", 496)
         if s496 and self.floors.get("memcpy496_msgs_per_s"):
             out["sink496_over_memcpy"] = s496.msgs_per_s / self.floors["memcpy496_msgs_per_s"]
+        zc = self.find("zero-copy sink", "cffi", 496) or self.find("zero-copy sink", "python",
+                                                                    496)
+        if zc and self.floors.get("memcpy496_msgs_per_s"):
+            out["zc_sink496_over_memcpy"] = zc.msgs_per_s / self.floors["memcpy496_msgs_per_s"]
         echo = self.find("echo", "cffi") or self.find("echo", "python")
         if echo and echo.p50_us and self.floors.get("eventfd_pingpong_p50_us"):
             out["echo_p50_over_pingpong"] = echo.p50_us / self.floors["eventfd_pingpong_p50_us"]
@@ -276,11 +284,13 @@ SOURCE_BURST = 64
 
 
 class BenchControl(Endpoint):
-    """Commands from the benchmarking guest: ``sync`` and ``src:N:SIZE:DST``."""
+    """Commands from the benchmarking guest: ``sync``, ``src:N:SIZE:DST`` and ``zc:1`` /
+    ``zc:0`` (the sink registered again with or without zero-copy receive)."""
 
     def __init__(self, addr: int, sink: Sink) -> None:
         super().__init__(addr)
         self.sink = sink
+        self.device: Any = None  # the RpmsgDevice, set once it exists
 
     def on_message(self, src: int, data: bytes) -> None:
         import asyncio
@@ -288,6 +298,11 @@ class BenchControl(Endpoint):
         assert self.port is not None
         if data == b"sync":
             self.port.send(src, b"sync:%d" % self.sink.messages)
+        elif data.startswith(b"zc:"):
+            self.device.remove_endpoint(self.sink.addr)
+            self.sink.zero_copy = data == b"zc:1"
+            self.device.add_endpoint(self.sink)
+            self.port.send(src, b"zc:ok")
         elif data.startswith(b"src:"):
             _, n, size, dst = data.split(b":")
             asyncio.get_running_loop().create_task(self._source(int(n), int(size), int(dst)))
@@ -338,7 +353,9 @@ def _server_main(path: str | list[str], engine: str, ready: Any,
     servers = []
     for p in paths:
         sink = Sink(SINK)
-        device = RpmsgDevice([sink, Echo(ECHO), BenchControl(CTL, sink)], outbox_limit=1024)
+        control_ep = BenchControl(CTL, sink)
+        device = RpmsgDevice([sink, Echo(ECHO), control_ep], outbox_limit=1024)
+        control_ep.device = device
         servers.append(VhostUserServer(device, listen_unix(p),
                                        queue_factory=queue_factory(engine)))
     control = ControlServer(default_path(paths[0]), servers)  # as serve runs it: same loop
@@ -561,6 +578,22 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
 
             measure("sink", size, messages, sink_run)
 
+            def zero_copy(on: bool) -> None:
+                g.send(GUEST_ADDR, CTL, b"zc:1" if on else b"zc:0")
+                assert g.recv(GUEST_ADDR, timeout=60) == (CTL, b"zc:ok")
+
+            def zc_sink_run(payload: bytes = payload) -> Run:
+                zero_copy(True)
+                before = sync()
+
+                def to_sink() -> None:
+                    g.send_burst(GUEST_ADDR, SINK, payload, messages)
+                    assert sync() == before + messages
+
+                return to_sink, lambda: zero_copy(False)
+
+            measure("zero-copy sink", size, messages, zc_sink_run)
+
             def fd_sink_run(payload: bytes = payload) -> Run:
                 ep = ctl.open_endpoint()  # no name: nothing announced
                 holder = _hold(peer, ep, "sink", str(fd_messages), str(FD_ACK))
@@ -754,7 +787,7 @@ def run(engines: list[str], sizes: list[int], messages: int, samples: int,
                     path, server.pid, engine, sizes, messages, samples, peer, send, guest_cpu,
                     repeat))
                 guest.start()
-                ncases = 4 * len(sizes) + 2
+                ncases = 5 * len(sizes) + 2
                 for k in itertools.count(1):
                     # a guest that failed (a case's error is on stderr) ends the run at once
                     deadline = time.monotonic() + 600

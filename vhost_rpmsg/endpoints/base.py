@@ -51,6 +51,9 @@ class Endpoint:
     plugin: ClassVar[str] = ""
     #: service name announced when none is given on the command line (None: no announcement)
     default_name: ClassVar[str | None] = None
+    #: zero-copy receive: ``on_message_batch`` gets ``batch.data`` as a read-only view of
+    #: guest memory, valid only until it returns (docs/plugins.md); an instance may set it
+    zero_copy: bool = False
 
     def __init__(self, addr: int, name: str | None = None, **options: Any) -> None:
         if options:

@@ -33,8 +33,7 @@ class Echo(Endpoint):
         if len(batch.srcs) == 1:  # the common case of a guest waiting for each reply
             n = int(batch.lengths[0])
             if n <= rp.MAX_PAYLOAD:
-                o = int(batch.offsets[0])
-                self.port.send_many([(int(batch.srcs[0]), batch.data[o : o + n])])
+                self.port.send_many([(int(batch.srcs[0]), batch.payload(0))])
                 return
         messages = batch.pairs()
         if batch.longest() <= rp.MAX_PAYLOAD:
@@ -61,10 +60,16 @@ class RawEcho(Echo):
 
 
 class Sink(Endpoint):
-    """Counts what it receives and throws it away (the guest→host benchmark target)."""
+    """Counts what it receives and throws it away (the guest→host benchmark target).
 
-    def __init__(self, addr: int, name: str | None = None, **options: Any) -> None:
+    ``zero_copy=1``: take the messages in guest memory, as a handler that reads them in
+    place would (it reads none: the cost of the path alone).
+    """
+
+    def __init__(self, addr: int, name: str | None = None, *,
+                 zero_copy: bool | str = "0", **options: Any) -> None:
         super().__init__(addr, name, **options)
+        self.zero_copy = _flag(zero_copy)
         self.messages = 0
         self.bytes = 0
         self.last_src: int | None = None
@@ -78,6 +83,18 @@ class Sink(Endpoint):
         self.messages += 1
         self.bytes += len(data)
         self.last_src = src
+
+
+def _flag(value: bool | str) -> bool:
+    """An on/off option, from Python or from the command line (``1``/``0``, ``yes``/``no``)."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1 or 0, not {value!r}")
 
 
 #: messages a ``rate=0`` source hands over per send_many

@@ -179,7 +179,8 @@ class SeqpacketPeer:
         self.stats["to_process_bytes"] += nbytes
         return int(sent)
 
-    def _sendmmsg(self, data: bytes, offsets: Any, lengths: Any, addrs: Any, n: int) -> int:
+    def _sendmmsg(self, data: bytes | memoryview, offsets: Any, lengths: Any, addrs: Any,
+                  n: int) -> int:
         """``rp_send_datagrams`` on our socket: how many of the ``n`` went, or -errno."""
         return int(_lib.rp_send_datagrams(self.sock.fileno(), _ffi.from_buffer("uint8_t[]", data),
                                           len(data), offsets, lengths, addrs, n))

@@ -14,12 +14,12 @@ numpy otherwise; both give the same result (tests/test_rpmsg_batch.py).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..virtio.queue import RawBatch
+from ..virtio.queue import Located, RawBatch
 from ..virtio.queue_python import split_headers as numpy_split_headers
 from . import codec as rp
 
@@ -43,12 +43,14 @@ class MessageBatch:
 
     ``srcs[i]`` sent ``data[offsets[i] : offsets[i] + lengths[i]]``.  The sequences are
     numpy arrays for large batches and lists for small ones; both index and iterate the
-    same way.
+    same way.  ``data`` is bytes, or for a zero-copy endpoint (``Endpoint.zero_copy``) a
+    read-only memoryview of guest memory; :meth:`payload` and iteration give bytes
+    either way, :meth:`view` a view.
     """
 
     __slots__ = ("data", "dst", "lengths", "offsets", "srcs")
 
-    def __init__(self, data: bytes, dst: int, srcs: np.ndarray | list[int],
+    def __init__(self, data: bytes | memoryview, dst: int, srcs: np.ndarray | list[int],
                  offsets: np.ndarray | list[int], lengths: np.ndarray | list[int]) -> None:
         self.data = data
         self.dst = dst
@@ -60,8 +62,16 @@ class MessageBatch:
         return len(self.srcs)
 
     def payload(self, i: int) -> bytes:
+        """Message ``i``'s payload as bytes (a copy, when ``data`` is guest memory)."""
         o = int(self.offsets[i])
-        return self.data[o : o + int(self.lengths[i])]
+        chunk = self.data[o : o + int(self.lengths[i])]
+        return chunk if type(chunk) is bytes else bytes(chunk)
+
+    def view(self, i: int) -> memoryview:
+        """Message ``i``'s payload without a copy: in guest memory for a zero-copy
+        endpoint's batch (valid while its handler runs; the guest may change the bytes)."""
+        o = int(self.offsets[i])
+        return memoryview(self.data)[o : o + int(self.lengths[i])]
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         return iter(self.pairs())
@@ -76,7 +86,20 @@ class MessageBatch:
             offsets = offsets.tolist()
         if isinstance(lengths, np.ndarray):
             lengths = lengths.tolist()
+        if type(data) is memoryview:
+            return [(s, bytes(data[o : o + n]))
+                    for s, o, n in zip(srcs, offsets, lengths, strict=True)]
         return [(s, data[o : o + n]) for s, o, n in zip(srcs, offsets, lengths, strict=True)]
+
+    def copied(self) -> MessageBatch:
+        """The same messages in a buffer of their own: for a batch whose ``data`` is a
+        view of guest memory (zero-copy receive) going to a handler that keeps bytes."""
+        data = self.data
+        lengths = self.lengths.tolist() if isinstance(self.lengths, np.ndarray) else self.lengths
+        offsets = self.offsets.tolist() if isinstance(self.offsets, np.ndarray) else self.offsets
+        buf = b"".join([data[o : o + n] for o, n in zip(offsets, lengths, strict=True)])
+        starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+        return MessageBatch(buf, self.dst, self.srcs, starts, lengths)
 
     def total_bytes(self) -> int:
         lengths = self.lengths
@@ -143,7 +166,54 @@ def parse(rb: RawBatch, split_headers: SplitHeaders = numpy_split_headers) -> Pa
                   bad_chains, bad_messages)
 
 
-def _check_native(data: bytes, headers: np.ndarray, offsets: np.ndarray,
+def parse_located(lb: Located, split_headers: SplitHeaders,
+                  views: Sequence[memoryview]) -> Parsed:
+    """:func:`parse` for zero-copy receive: runs over guest memory.
+
+    A chain left in place (``lb.region[i] >= 0``) is checked against its whole readable
+    length, with the header copied out (so what was checked cannot change afterwards);
+    its run's ``data`` is ``views[region]``, a read-only view of that region, and the
+    payload offsets point into it.  Chains copied whole run over ``lb.raw.data`` as in
+    :func:`parse`.  Runs are cut where the destination or the region changes.
+    """
+    rb = lb.raw
+    if not rb.count:
+        return Parsed([], [], [])
+    region = lb.region
+    if (NATIVE_CHECK and not rb.nbad and not rb.nwritable and region[0] >= 0
+            and (region == region[0]).all()):
+        # the usual batch: every chain in place in one region, checked in one C call
+        # against its whole length, starting where it lies
+        return _check_native(views[int(region[0])], split_headers(rb, rp.HDR_SIZE),
+                             lb.offset, lb.read_len, None, [])
+    ok = (rb.errors == 0) & ~rb.has_writable
+    bad_chains = np.flatnonzero(~ok).tolist() if rb.nbad or rb.nwritable else []
+    hdr = split_headers(rb, rp.HDR_SIZE).view(_HDR_DTYPE)[:, 0]
+    plen = hdr["len"].astype(np.int64)
+    full = lb.read_len
+    # One comparison finds both faults: a chain shorter than a header has negative room.
+    bad = ok & (plen > full - rp.HDR_SIZE)
+    bad_messages = []
+    for k in np.flatnonzero(bad).tolist():
+        n = int(full[k])
+        bad_messages.append((k, short_why(n) if n < rp.HDR_SIZE else long_why(int(plen[k]), n)))
+    idx = np.flatnonzero(ok & ~bad)
+    if not len(idx):
+        return Parsed([], bad_chains, bad_messages)
+    region = lb.region[idx]
+    starts = np.where(region >= 0, lb.offset[idx], rb.offsets[idx]) + rp.HDR_SIZE
+    srcs, dsts, plen = hdr["src"][idx], hdr["dst"][idx], plen[idx]
+    cuts = np.flatnonzero((dsts[1:] != dsts[:-1]) | (region[1:] != region[:-1])) + 1
+    bounds = [0, *cuts.tolist(), len(idx)]
+    runs = []
+    for a, b in itertools.pairwise(bounds):
+        r = int(region[a])
+        runs.append(MessageBatch(views[r] if r >= 0 else rb.data, int(dsts[a]), srcs[a:b],
+                                 starts[a:b], plen[a:b]))
+    return Parsed(runs, bad_chains, bad_messages)
+
+
+def _check_native(data: bytes | memoryview, headers: np.ndarray, offsets: np.ndarray,
                   lengths: np.ndarray, idx: np.ndarray | None, bad_chains: list[int]) -> Parsed:
     n = len(lengths)
     if headers.shape != (n, rp.HDR_SIZE) or headers.dtype != np.uint8 or len(offsets) != n:
@@ -171,7 +241,7 @@ def _check_native(data: bytes, headers: np.ndarray, offsets: np.ndarray,
     return Parsed(runs, bad_chains, bad_messages)
 
 
-def _runs(data: bytes, srcs: np.ndarray, dsts: np.ndarray, starts: np.ndarray,
+def _runs(data: bytes | memoryview, srcs: np.ndarray, dsts: np.ndarray, starts: np.ndarray,
           plen: np.ndarray) -> list[MessageBatch]:
     """Cut the messages where the destination changes."""
     n = len(dsts)

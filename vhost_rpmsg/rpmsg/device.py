@@ -32,9 +32,9 @@ from ..virtio.constants import (
     VIRTIO_RING_F_INDIRECT_DESC,
     VIRTIO_RPMSG_F_NS,
 )
-from ..virtio.queue import Chain, ChainError, Queue, QueueBroken, RawBatch, Taken
+from ..virtio.queue import Chain, ChainError, Located, Queue, QueueBroken, RawBatch, Taken
 from . import codec as rp
-from .batch import Parsed, long_why, parse, short_why
+from .batch import Parsed, long_why, parse, parse_located, short_why
 from .dispatch import HANDLER_QUEUE_LIMIT, Dispatcher
 from .errors import PayloadTooLarge, WouldBlock
 from .outbox import BATCH, Outbox
@@ -368,17 +368,29 @@ class RpmsgDevice(VirtioDevice):
                     self.stats["to_host_paused"] += 1
                     return
                 q.disable_kicks()
-                rb = q.pop_raw_batch(room, MAX_READ)
+                located = None
+                if self.dispatcher.zero_copy:
+                    # Held until the handlers return: take half the ring at most, so the
+                    # guest can fill the other half meanwhile.
+                    located = q.pop_located(min(room, max(q.state.size // 2, 1)),
+                                            rp.HDR_SIZE, MAX_READ)
+                    rb = located.raw
+                else:
+                    rb = q.pop_raw_batch(room, MAX_READ)
                 if not rb.count:
                     if not q.enable_kicks():
                         return
                     continue
-                q.push_used(rb.returnable_heads(), 0)
-                vr.notify()
+                if located is None:  # copied out: the buffers can go back at once
+                    q.push_used(rb.returnable_heads(), 0)
+                    vr.notify()
                 # A partial batch drained the ring: re-arm kicks now, not after one more
                 # (empty) pop; True means buffers raced in and we go round again.
                 drained = rb.count < room and not q.enable_kicks()
-            self._dispatch(self.parse(rb, q))
+            if located is None:
+                self._dispatch(self.parse(rb, q))
+            else:
+                self._dispatch_in_place(vr, q, located)
             if drained:
                 return
         # A guest that refills its ring as fast as we drain it would keep us here for
@@ -405,12 +417,30 @@ class RpmsgDevice(VirtioDevice):
 
     def parse(self, rb: RawBatch, q: Queue) -> Parsed:
         """Parse a raw batch from ``q``; count and log (rate-limited) what was not a message."""
-        parsed = parse(rb, q.split_headers)
+        return self._counted(parse(rb, q.split_headers), rb)
+
+    def _counted(self, parsed: Parsed, rb: RawBatch) -> Parsed:
         for i in parsed.bad_chains:
             self._bad_chain(int(rb.heads[i]), int(rb.errors[i]))
         for i, why in parsed.bad_messages:
             self._bad_message(int(rb.heads[i]), why)
         return parsed
+
+    def _dispatch_in_place(self, vr: Vring, q: Queue, lb: Located) -> None:
+        """Zero-copy receive: the handlers read the messages where the guest wrote them
+        (read-only views, released when they return), and only then do the buffers go
+        back to the guest.  Endpoints without ``zero_copy`` get their runs copied."""
+        mem = q.state.mem
+        views = [r.mv.toreadonly() for r in mem.regions] if mem is not None else []
+        try:
+            self._dispatch(self._counted(parse_located(lb, q.split_headers, views), lb.raw))
+        finally:
+            for v in views:
+                v.release()  # a slice a handler kept stays readable: it holds the mapping
+            if vr.ready:
+                with q.state.lock:
+                    q.push_used(lb.raw.returnable_heads(), 0)
+                    vr.notify()
 
     def _bad_chain(self, head: int, error: int) -> None:
         self.stats["bad_chains"] += 1
@@ -457,6 +487,8 @@ class RpmsgDevice(VirtioDevice):
             # Counted before delivery: the handler's reply may reach the guest first.
             self.stats["to_host_messages"] += len(run.srcs)
             if run.dst == rp.NS_ADDR:
+                if type(run.data) is memoryview:
+                    run = run.copied()
                 for src, payload in run:
                     self.ns.from_guest(src, payload)
             else:

@@ -57,6 +57,8 @@ class EndpointSlot:
     task: asyncio.Task[None] | None = None
     #: 1 while the async worker is inside the handler
     busy: int = 0
+    #: its handler reads messages in guest memory (``Endpoint.zero_copy``)
+    zero_copy: bool = False
 
 
 class Dispatcher:
@@ -65,6 +67,9 @@ class Dispatcher:
     def __init__(self, stats: Counter[str], rl: RateLimitedLog, *,
                  queue_limit: int = HANDLER_QUEUE_LIMIT) -> None:
         self.slots: dict[int, EndpointSlot] = {}
+        #: endpoints registered with ``zero_copy``: while there is one, the device pops
+        #: with Queue.pop_located and gives buffers back after the handlers
+        self.zero_copy = 0
         self.queue_limit = queue_limit
         self._stats = stats
         self._rl = rl
@@ -79,10 +84,17 @@ class Dispatcher:
         if ep.addr in self.slots:
             raise AddressInUse(f"host address {ep.addr} already has "
                              f"{self.slots[ep.addr].endpoint.describe()}")
-        self.slots[ep.addr] = EndpointSlot(ep, handler_style(ep))
+        style = handler_style(ep)
+        zero_copy = bool(getattr(ep, "zero_copy", False))
+        if zero_copy and style != "arrays":
+            raise TypeError(f"{ep.describe()}: zero_copy needs a synchronous "
+                            "on_message_batch (views are valid only while it runs)")
+        self.slots[ep.addr] = EndpointSlot(ep, style, zero_copy=zero_copy)
+        self.zero_copy += zero_copy
 
     def remove(self, addr: int) -> Endpoint:
         slot = self.slots.pop(addr)
+        self.zero_copy -= slot.zero_copy
         if slot.task is not None:
             slot.task.cancel()
         return slot.endpoint
@@ -109,6 +121,8 @@ class Dispatcher:
         stats = slot.stats
         stats["messages"] += n
         stats["bytes"] += run.total_bytes()
+        if type(run.data) is memoryview and not slot.zero_copy:
+            run = run.copied()  # a view of guest memory, for a handler that keeps bytes
         self._run(slot, run, n)
 
     def deliver_one(self, src: int, dst: int, data: bytes, length: int) -> None:

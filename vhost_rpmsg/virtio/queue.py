@@ -287,6 +287,34 @@ class Filled:
     exhausted: bool
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Located:
+    """What :meth:`Queue.pop_located` took: a :class:`RawBatch`, and where each chain's
+    readable bytes lie when they were left in guest memory (zero-copy receive).
+
+    For chain ``i``: ``region[i]`` (int32) is the index of the memory region its one
+    readable segment lies wholly in, at ``offset[i]`` (int64), ``read_len[i]`` (int64)
+    bytes long, and only its first bytes were copied to ``raw``; ``region[i]`` is -1
+    for a chain copied as :meth:`Queue.pop_raw_batch` copies it (several readable
+    segments, or an error: then ``read_len[i]`` is 0).
+    """
+
+    raw: RawBatch
+    region: np.ndarray
+    offset: np.ndarray
+    read_len: np.ndarray
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Located):
+            return NotImplemented
+        return self.raw == other.raw and all(
+            a.dtype == b.dtype and np.array_equal(a, b)
+            for a, b in ((self.region, other.region), (self.offset, other.offset),
+                         (self.read_len, other.read_len)))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 #: what :meth:`Queue.take_one` took: (head, ChainError value, has_writable, the bytes
 #: copied, whether the guest wants an interrupt now, whether chains are left to take).
 #: A plain tuple: it is made once per message on the single-message path.
@@ -450,6 +478,13 @@ class Queue(Protocol):
 
     def pop_raw_batch(self, max_chains: int, limit: int) -> RawBatch:
         """:meth:`pop_batch` + :meth:`read_chain` of up to ``limit`` bytes, as arrays."""
+        ...
+
+    def pop_located(self, max_chains: int, head: int, limit: int) -> Located:
+        """:meth:`pop_raw_batch`, except that a chain without error whose readable bytes
+        are one segment stays where it is: only its first ``min(head, limit)`` bytes are
+        copied, and :class:`Located` says where the rest lies (zero-copy receive: the
+        caller reads it in guest memory and gives the chain back when done)."""
         ...
 
     def take_one(self, limit: int) -> Taken | None:

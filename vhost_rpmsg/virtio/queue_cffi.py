@@ -47,6 +47,7 @@ from .queue import (
     Chain,
     ChainError,
     Filled,
+    Located,
     Put,
     QueueBroken,
     QueueState,
@@ -407,6 +408,25 @@ class CffiQueue:
         st = self._current()
         if st is None:
             return self.reference.pop_raw_batch(max_chains, limit)
+        return self._pop_raw(st, max_chains, limit, None)
+
+    def pop_located(self, max_chains: int, head: int, limit: int) -> Located:
+        """:meth:`pop_raw_batch` with one-segment chains left in place (``VR_F_LOCATE``):
+        the same C call, three more arrays."""
+        max_chains = operator.index(max_chains)
+        head = operator.index(head)
+        limit = operator.index(limit)
+        st = self._current()
+        if st is None:
+            return self.reference.pop_located(max_chains, head, limit)
+        n = max(0, min(max_chains, st.size))
+        where = (np.empty(n, np.int32), np.empty(n, np.int64), np.empty(n, np.int64))
+        rb = self._pop_raw(st, max_chains, limit, (head, *where))
+        k = rb.count
+        return Located(rb, where[0][:k], where[1][:k], where[2][:k])
+
+    def _pop_raw(self, st: _State, max_chains: int, limit: int,
+                 locate: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None) -> RawBatch:
         with self.state.lock:
             last = self.state.last_avail_idx
             # A first look at the avail idx sizes the arrays (and answers an idle poll
@@ -426,6 +446,13 @@ class CffiQueue:
             # out by C; the batch's arrays are views of it, made once the count is known.
             block = _raw_alloc("int64_t[]", (_RAW_BYTES * n + 7) // 8)
             flags = lib.VR_F_INDIRECT if self.state.indirect else 0
+            if locate is not None:
+                head, region, offset, read_len = locate
+                flags |= lib.VR_F_LOCATE
+                r.head_limit = min(max(head, 0), (1 << 64) - 1)
+                r.loc_region = ffi.from_buffer("int32_t[]", region)
+                r.loc_off = ffi.from_buffer("int64_t[]", offset)
+                r.read_len = ffi.from_buffer("int64_t[]", read_len)
             status = lib.vr_pop_raw(st.ring, r, block, n, last, flags,
                                     min(max(limit, 0), (1 << 64) - 1))  # < 0: b""
             while status != lib.VR_POP_DONE:
@@ -436,6 +463,8 @@ class CffiQueue:
                 else:
                     rw.grow_data(max(2 * rw.data_cap, r.need), r.data_used)
                 status = lib.vr_pop_raw(st.ring, r, block, n, last, lib.VR_F_CONTINUE, 0)
+            if locate is not None:  # no pointer into arrays the next call may not own
+                r.loc_region = r.loc_off = r.read_len = ffi.NULL
             k = r.total
             self.state.last_avail_idx = r.last_avail
             nbad = r.nbad

@@ -34,6 +34,7 @@ from .queue import (
     Chain,
     ChainError,
     Filled,
+    Located,
     Put,
     QueueBroken,
     QueueState,
@@ -255,6 +256,27 @@ class PythonQueue:
             return RawBatch.empty()
         payloads = [self.read_chain(c, limit) if c.ok else b"" for c in chains]
         return RawBatch.from_chains(chains, payloads)
+
+    def pop_located(self, max_chains: int, head: int, limit: int) -> Located:
+        """:meth:`pop_raw_batch`, one-segment chains left in place (:class:`Located`)."""
+        max_chains = operator.index(max_chains)
+        head = operator.index(head)
+        limit = operator.index(limit)
+        chains = self.pop_batch(max_chains)
+        if not chains:
+            return Located(RawBatch.empty(), np.empty(0, np.int32), np.empty(0, np.int64),
+                           np.empty(0, np.int64))
+        in_place = [c.ok and len(c.readable) == 1 for c in chains]
+        payloads = [self.read_chain(c, min(limit, head) if here else limit) if c.ok else b""
+                    for c, here in zip(chains, in_place, strict=True)]
+        n = len(chains)
+        return Located(
+            RawBatch.from_chains(chains, payloads),
+            np.fromiter((c.readable[0][0] if here else -1
+                         for c, here in zip(chains, in_place, strict=True)), np.int32, n),
+            np.fromiter((c.readable[0][1] if here else 0
+                         for c, here in zip(chains, in_place, strict=True)), np.int64, n),
+            np.fromiter((c.read_len if c.ok else 0 for c in chains), np.int64, n))
 
     def take_one(self, limit: int) -> Taken | None:
         """The single-message path, composed of the batch operations it stands for."""

@@ -624,7 +624,7 @@ int vr_take_one(const vr_ring *ring, vr_raw *r, vr_take *t)
         return status;
     }
     if (!r->total)
-        return status; /* not reached: one chain always fits the walk budget */
+        return status; /* the guest moved its avail idx back between the two reads */
     t->taken = 1;
     t->head = r->heads[0];
     t->error = r->errors[0];
@@ -637,9 +637,7 @@ int vr_take_one(const vr_ring *ring, vr_raw *r, vr_take *t)
     }
     t->notify = (uint8_t)vr_need_notify(ring, t->used_idx, t->signalled, (int)t->event_idx);
     t->signalled = t->used_idx;
-    if (r->pending > 1)
-        t->more = 1;
-    else
-        t->more = (uint8_t)vr_enable_kicks(ring, t->last_avail, (int)t->event_idx);
+    /* (1 as well when the second read showed more than one: the batch path takes them) */
+    t->more = (uint8_t)vr_enable_kicks(ring, t->last_avail, (int)t->event_idx);
     return status;
 }

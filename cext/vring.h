@@ -323,7 +323,8 @@ int vr_fill_rx(const vr_ring *ring, vr_fill *f, const uint8_t *data, const uint6
  * give it back used with length 0 (unless its head is out of range), decide whether the
  * driver wants an interrupt for that (vr_need_notify from t->signalled, which becomes
  * the new used idx), and ask for a kick again (vr_enable_kicks: more says whether a
- * chain raced in; also when vr_pop_raw's own read showed more than one).  When none is
+ * chain is there to take, one that raced in or one vr_pop_raw's own read showed).  When
+ * that read shows none (the guest moved the idx back), nothing is taken.  When none is
  * shown, kicks are asked for again in the same way and taken is 0; when several are,
  * nothing is done (taken 0, more 0): they are for the batch path.
  */

@@ -572,11 +572,46 @@ def test_zero_copy_batches_check_every_header_against_the_whole_chain(
 
 
 def test_zero_copy_needs_a_synchronous_batch_handler() -> None:
-    class Wrong(Endpoint):
+    class Single(Endpoint):
         zero_copy = True
 
         def on_message(self, src: int, data: bytes) -> None:
             pass
 
-    with pytest.raises(TypeError, match="zero_copy needs"):
-        RpmsgDevice([Wrong(1024)])
+    class Later(Endpoint):
+        zero_copy = True
+
+        async def on_message_batch(self, batch: MessageBatch) -> None:  # type: ignore[override]
+            pass
+
+    for wrong in (Single, Later):
+        with pytest.raises(TypeError, match="zero_copy needs"):
+            RpmsgDevice([wrong(1024)])
+
+
+def test_a_zero_copy_handler_that_keeps_an_export_cannot_keep_the_buffers(
+        serve: Serve) -> None:
+    """A handler holding a buffer export of batch.data (so the view cannot be released)
+    still gets its buffers given back, and it is counted."""
+    ffi = pytest.importorskip("_vhost_rpmsg_vring").ffi  # cffi's from_buffer holds one
+    kept: list[Any] = []
+
+    class Keeper(Endpoint):
+        zero_copy = True
+
+        def on_message_batch(self, batch: MessageBatch) -> None:
+            kept.append(ffi.from_buffer("uint8_t[]", batch.data))  # an export, kept
+
+    r = serve([Keeper(1024)])
+    with r.guest() as g:
+        assert g.ram is not None
+        ring = g.rings[1]
+        scratch = g.ram.alloc(4096, 4096)
+        m = rp.encode_message(3000, 1024, b"kept")
+        g.ram.mv[scratch : scratch + len(m)] = m
+        before = int(ring.used16[1])
+        _post_batch(g, [[(scratch, len(m), 0)]] * 3)
+        wait_until(lambda: int(ring.used16[1]) == before + 3)
+        wait_until(lambda: r.device.stats["zero_copy_views_kept"] >= 1)
+        g.send(3000, 1024, b"still served")  # taken copied: no view to keep
+    assert kept

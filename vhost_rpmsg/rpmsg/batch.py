@@ -190,7 +190,8 @@ def parse_located(lb: Located, split_headers: SplitHeaders,
     bad_chains = np.flatnonzero(~ok).tolist() if rb.nbad or rb.nwritable else []
     hdr = split_headers(rb, rp.HDR_SIZE).view(_HDR_DTYPE)[:, 0]
     plen = hdr["len"].astype(np.int64)
-    full = lb.read_len
+    # in place: the whole chain is there to read; copied: what was copied of it
+    full = np.where(region >= 0, lb.read_len, rb.lengths)
     # One comparison finds both faults: a chain shorter than a header has negative room.
     bad = ok & (plen > full - rp.HDR_SIZE)
     bad_messages = []
@@ -200,7 +201,7 @@ def parse_located(lb: Located, split_headers: SplitHeaders,
     idx = np.flatnonzero(ok & ~bad)
     if not len(idx):
         return Parsed([], bad_chains, bad_messages)
-    region = lb.region[idx]
+    region = region[idx]
     starts = np.where(region >= 0, lb.offset[idx], rb.offsets[idx]) + rp.HDR_SIZE
     srcs, dsts, plen = hdr["src"][idx], hdr["dst"][idx], plen[idx]
     cuts = np.flatnonzero((dsts[1:] != dsts[:-1]) | (region[1:] != region[:-1])) + 1

@@ -430,13 +430,20 @@ class RpmsgDevice(VirtioDevice):
         """Zero-copy receive: the handlers read the messages where the guest wrote them
         (read-only views, released when they return), and only then do the buffers go
         back to the guest.  Endpoints without ``zero_copy`` get their runs copied."""
-        mem = q.state.mem
-        views = [r.mv.toreadonly() for r in mem.regions] if mem is not None else []
+        views: list[memoryview] = []
         try:
+            # The regions as they were at the pop: nothing changes the memory table
+            # between the two, all of it runs on this loop.
+            mem = q.state.mem
+            if mem is not None:
+                views = [r.mv.toreadonly() for r in mem.regions]
             self._dispatch(self._counted(parse_located(lb, q.split_headers, views), lb.raw))
         finally:
             for v in views:
-                v.release()  # a slice a handler kept stays readable: it holds the mapping
+                try:
+                    v.release()  # slices a handler kept stay readable: they hold the mapping
+                except BufferError:  # it kept an export of the view itself: the same
+                    self.stats["zero_copy_views_kept"] += 1
             if vr.ready:
                 with q.state.lock:
                     q.push_used(lb.raw.returnable_heads(), 0)
@@ -472,14 +479,16 @@ class RpmsgDevice(VirtioDevice):
         if dst == rp.NS_ADDR:
             self.ns.from_guest(src, data[rp.HDR_SIZE : rp.HDR_SIZE + length])
             return
+        was = self._dispatching  # (a drain a flush resumed may run inside another)
         self._dispatching = True
         try:
             self.dispatcher.deliver_one(src, dst, data, length)
         finally:
             with self.mutex:
-                self._dispatching = False
-                if len(self.outbox):
-                    self.flush()
+                self._dispatching = was
+                queued = not was and len(self.outbox)
+            if queued:  # (outside the mutex: other threads' sends need not wait for it)
+                self.flush()
 
     def _dispatch(self, parsed: Parsed) -> None:
         """Hand each run of messages for one address to its endpoint."""

@@ -86,7 +86,8 @@ class Dispatcher:
                              f"{self.slots[ep.addr].endpoint.describe()}")
         style = handler_style(ep)
         zero_copy = bool(getattr(ep, "zero_copy", False))
-        if zero_copy and style != "arrays":
+        if zero_copy and (style != "arrays"
+                          or inspect.iscoroutinefunction(ep.on_message_batch)):
             raise TypeError(f"{ep.describe()}: zero_copy needs a synchronous "
                             "on_message_batch (views are valid only while it runs)")
         self.slots[ep.addr] = EndpointSlot(ep, style, zero_copy=zero_copy)

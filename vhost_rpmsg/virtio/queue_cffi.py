@@ -453,18 +453,21 @@ class CffiQueue:
                 r.loc_region = ffi.from_buffer("int32_t[]", region)
                 r.loc_off = ffi.from_buffer("int64_t[]", offset)
                 r.read_len = ffi.from_buffer("int64_t[]", read_len)
-            status = lib.vr_pop_raw(st.ring, r, block, n, last, flags,
-                                    min(max(limit, 0), (1 << 64) - 1))  # < 0: b""
-            while status != lib.VR_POP_DONE:
-                if status == lib.VR_POP_AHEAD:  # it moved under us; the guest's doing
-                    raise QueueBroken(f"avail idx {r.avail_idx} is {r.pending} ahead of {last}")
-                if status == lib.VR_POP_NEED_SEGS:
-                    rw.grow_segs(max(2 * rw.seg_cap, r.need))
-                else:
-                    rw.grow_data(max(2 * rw.data_cap, r.need), r.data_used)
-                status = lib.vr_pop_raw(st.ring, r, block, n, last, lib.VR_F_CONTINUE, 0)
-            if locate is not None:  # no pointer into arrays the next call may not own
-                r.loc_region = r.loc_off = r.read_len = ffi.NULL
+            try:
+                status = lib.vr_pop_raw(st.ring, r, block, n, last, flags,
+                                        min(max(limit, 0), (1 << 64) - 1))  # < 0: b""
+                while status != lib.VR_POP_DONE:
+                    if status == lib.VR_POP_AHEAD:  # it moved under us; the guest's doing
+                        raise QueueBroken(f"avail idx {r.avail_idx} is {r.pending} ahead of "
+                                          f"{last}")
+                    if status == lib.VR_POP_NEED_SEGS:
+                        rw.grow_segs(max(2 * rw.seg_cap, r.need))
+                    else:
+                        rw.grow_data(max(2 * rw.data_cap, r.need), r.data_used)
+                    status = lib.vr_pop_raw(st.ring, r, block, n, last, lib.VR_F_CONTINUE, 0)
+            finally:
+                if locate is not None:  # no pointer into arrays that die with this call
+                    r.loc_region = r.loc_off = r.read_len = ffi.NULL
             k = r.total
             self.state.last_avail_idx = r.last_avail
             nbad = r.nbad

@@ -296,7 +296,7 @@ class PythonQueue:
             if error != ChainError.HEAD_OUT_OF_RANGE:
                 self.push_used(rb.heads, 0)
             notify = self.need_notify()
-            more = shown > 1 or self.enable_kicks()
+            more = self.enable_kicks()
             return head, error, bool(rb.has_writable[0]), rb.data, notify, more
 
     def push_batch(self, entries: list[tuple[int, int]] | np.ndarray) -> None:

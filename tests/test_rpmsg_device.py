@@ -584,9 +584,28 @@ def test_zero_copy_needs_a_synchronous_batch_handler() -> None:
         async def on_message_batch(self, batch: MessageBatch) -> None:  # type: ignore[override]
             pass
 
-    for wrong in (Single, Later):
-        with pytest.raises(TypeError, match="zero_copy needs"):
-            RpmsgDevice([wrong(1024)])
+    with pytest.raises(TypeError, match="zero_copy needs"):
+        RpmsgDevice([Single(1024)])
+    with pytest.raises(TypeError, match="on_message_batch cannot be async def"):
+        RpmsgDevice([Later(1024)])
+
+
+def test_only_on_message_may_be_async() -> None:
+    """An async batch handler would be called and never awaited: its messages would
+    vanish without a count or a log line.  Registration refuses it instead."""
+
+    class AsyncPairs(Endpoint):
+        async def on_batch(self, messages: list[tuple[int, bytes]]) -> None:  # type: ignore[override]
+            pass
+
+    class AsyncArrays(Endpoint):
+        async def on_message_batch(self, batch: MessageBatch) -> None:  # type: ignore[override]
+            pass
+
+    with pytest.raises(TypeError, match="on_batch cannot be async def"):
+        RpmsgDevice([AsyncPairs(1024)])
+    with pytest.raises(TypeError, match="on_message_batch cannot be async def"):
+        RpmsgDevice([AsyncArrays(1024)])
 
 
 def test_a_zero_copy_handler_that_keeps_an_export_cannot_keep_the_buffers(

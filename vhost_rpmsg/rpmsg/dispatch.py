@@ -84,10 +84,14 @@ class Dispatcher:
         if ep.addr in self.slots:
             raise AddressInUse(f"host address {ep.addr} already has "
                              f"{self.slots[ep.addr].endpoint.describe()}")
+        for name in ("on_message_batch", "on_batch"):
+            if inspect.iscoroutinefunction(getattr(ep, name)):
+                # called, never awaited: every message would vanish without a trace
+                raise TypeError(f"{ep.describe()}: {name} cannot be async def; only "
+                                "on_message can (one message at a time, in order)")
         style = handler_style(ep)
         zero_copy = bool(getattr(ep, "zero_copy", False))
-        if zero_copy and (style != "arrays"
-                          or inspect.iscoroutinefunction(ep.on_message_batch)):
+        if zero_copy and style != "arrays":
             raise TypeError(f"{ep.describe()}: zero_copy needs a synchronous "
                             "on_message_batch (views are valid only while it runs)")
         self.slots[ep.addr] = EndpointSlot(ep, style, zero_copy=zero_copy)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from ..endpoints.base import Endpoint
 from . import codec as rp
 from .batch import MessageBatch
-from .errors import AddressInUse
+from .errors import AddressInUse, HandlerNotSupported
 from .ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,13 @@ class Dispatcher:
         for name in ("on_message_batch", "on_batch"):
             if inspect.iscoroutinefunction(getattr(ep, name)):
                 # called, never awaited: every message would vanish without a trace
-                raise TypeError(f"{ep.describe()}: {name} cannot be async def; only "
+                raise HandlerNotSupported(f"{ep.describe()}: {name} cannot be async def; only "
                                 "on_message can (one message at a time, in order)")
         style = handler_style(ep)
         zero_copy = bool(getattr(ep, "zero_copy", False))
         if zero_copy and style != "arrays":
-            raise TypeError(f"{ep.describe()}: zero_copy needs a synchronous "
-                            "on_message_batch (views are valid only while it runs)")
+            raise HandlerNotSupported(f"{ep.describe()}: zero_copy needs a synchronous "
+                                      "on_message_batch (views are valid only while it runs)")
         self.slots[ep.addr] = EndpointSlot(ep, style, zero_copy=zero_copy)
         self.zero_copy += zero_copy
 

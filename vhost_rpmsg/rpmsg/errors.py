@@ -17,3 +17,9 @@ class PayloadTooLarge(RpmsgError, ValueError):
 
 class AddressInUse(RpmsgError, ValueError):
     """Another endpoint already owns this host address."""
+
+
+class HandlerNotSupported(RpmsgError, TypeError, ValueError):
+    """An endpoint's handlers cannot be called as they are declared (an ``async def``
+    batch handler, ``zero_copy`` without a synchronous ``on_message_batch``).  A
+    ValueError too, so the command line reports it as a bad ``--endpoint``."""

@@ -633,30 +633,8 @@ class CffiQueue:
             return self.reference.fill_rx(messages)
         n = len(messages)
         with self.state.lock:
-            fb = self._fill
-            if fb is None or fb.size != st.size:
-                fb = self._fill = _Fill(st.size)
-            f = fb.f
-            f.flags = lib.VR_F_INDIRECT if self.state.indirect else 0
-            f.last_avail = self.state.last_avail_idx
-            f.used_idx = self.state.used_idx
-            status = lib.vr_fill_rx(st.ring, f, data, lens, n)
-            if status == lib.VR_POP_AHEAD:
-                raise QueueBroken(f"avail idx {f.avail_idx} is {f.pending} ahead of "
-                                  f"{self.state.last_avail_idx}")
-            if status != lib.VR_POP_DONE:  # more segments than 2 * size + 1: not reached
-                raise AssertionError(f"vr_fill_rx returned {status}")
-            self.state.last_avail_idx = f.last_avail
-            self.state.used_idx = f.used_idx
-            stats = self.state.stats
-            stats.popped += f.popped
-            stats.bad_chains += f.nbad
-            stats.pushed += f.pushed
-            k = f.nrefused
-            refused = (list(zip(ffi.unpack(f.ref_head, k), ffi.unpack(f.ref_kind, k),
-                                ffi.unpack(f.ref_detail, k), ffi.unpack(f.ref_msg, k),
-                                strict=True)) if k else [])
-            return Filled(f.written, refused, bool(f.exhausted))
+            written, refused, exhausted = self._fill_rx(st, data, lens, n)
+            return Filled(written, refused, exhausted)
 
     def put_one(self, message: bytes) -> Put:
         """``vr_fill_rx`` of one message and ``vr_need_notify``: two C calls, no list."""
@@ -665,34 +643,45 @@ class CffiQueue:
             return self.reference.put_one(message)
         state = self.state
         with state.lock:
-            fb = self._fill
-            if fb is None or fb.size != st.size:
-                fb = self._fill = _Fill(st.size)
-            f = fb.f
-            f.flags = lib.VR_F_INDIRECT if state.indirect else 0
-            f.last_avail = state.last_avail_idx
-            f.used_idx = state.used_idx
-            fb.one[0] = len(message)
-            status = lib.vr_fill_rx(st.ring, f, message, fb.one, 1)
-            if status == lib.VR_POP_AHEAD:
-                raise QueueBroken(f"avail idx {f.avail_idx} is {f.pending} ahead of "
-                                  f"{state.last_avail_idx}")
-            if status != lib.VR_POP_DONE:  # more segments than 2 * size + 1: not reached
-                raise AssertionError(f"vr_fill_rx returned {status}")
-            state.last_avail_idx = f.last_avail
-            new = state.used_idx = f.used_idx
-            stats = state.stats
-            stats.popped += f.popped
-            stats.bad_chains += f.nbad
-            stats.pushed += f.pushed
-            k = f.nrefused
-            refused = (list(zip(ffi.unpack(f.ref_head, k), ffi.unpack(f.ref_kind, k),
-                                ffi.unpack(f.ref_detail, k), ffi.unpack(f.ref_msg, k),
-                                strict=True)) if k else [])
-            old = state.signalled_used
+            one = self._fill_scratch(st).one
+            one[0] = len(message)
+            written, refused, exhausted = self._fill_rx(st, message, one, 1)
+            new, old = state.used_idx, state.signalled_used
             state.signalled_used = new
             notify = bool(lib.vr_need_notify(st.ring, new, old, 1 if state.event_idx else 0))
-            return f.written, refused, bool(f.exhausted), notify
+            return written, refused, exhausted, notify
+
+    def _fill_scratch(self, st: _State) -> _Fill:
+        fb = self._fill
+        if fb is None or fb.size != st.size:
+            fb = self._fill = _Fill(st.size)
+        return fb
+
+    def _fill_rx(self, st: _State, data: Any, lens: Any, n: int
+                 ) -> tuple[int, list[tuple[int, int, int, int]], bool]:
+        """One ``vr_fill_rx`` (under the queue lock): written, refused, exhausted."""
+        f = self._fill_scratch(st).f
+        state = self.state
+        f.flags = lib.VR_F_INDIRECT if state.indirect else 0
+        f.last_avail = state.last_avail_idx
+        f.used_idx = state.used_idx
+        status = lib.vr_fill_rx(st.ring, f, data, lens, n)
+        if status == lib.VR_POP_AHEAD:
+            raise QueueBroken(f"avail idx {f.avail_idx} is {f.pending} ahead of "
+                              f"{state.last_avail_idx}")
+        if status != lib.VR_POP_DONE:  # more segments than 2 * size + 1: not reached
+            raise AssertionError(f"vr_fill_rx returned {status}")
+        state.last_avail_idx = f.last_avail
+        state.used_idx = f.used_idx
+        stats = state.stats
+        stats.popped += f.popped
+        stats.bad_chains += f.nbad
+        stats.pushed += f.pushed
+        k = f.nrefused
+        refused = (list(zip(ffi.unpack(f.ref_head, k), ffi.unpack(f.ref_kind, k),
+                            ffi.unpack(f.ref_detail, k), ffi.unpack(f.ref_msg, k),
+                            strict=True)) if k else [])
+        return f.written, refused, bool(f.exhausted)
 
     # -- payload copies ------------------------------------------------------------------
 

@@ -210,6 +210,15 @@ class _Raw:
         self.seg_cap = n
         self.r.seg_cap = n
 
+    def grow(self, status: int) -> None:
+        """Grow what a vr_pop_raw that returned ``status`` (VR_POP_NEED_*) ran short of,
+        keeping the data the batch has so far."""
+        r = self.r
+        if status == lib.VR_POP_NEED_SEGS:
+            self.grow_segs(max(2 * self.seg_cap, r.need))
+        else:
+            self.grow_data(max(2 * self.data_cap, r.need), r.data_used)
+
     def grow_data(self, n: int, keep: int) -> None:
         """A data buffer of ``n`` bytes holding the first ``keep`` bytes of the old one."""
         a = _raw_alloc("uint8_t[]", n)
@@ -269,6 +278,11 @@ _BOOL = np.dtype(np.bool_)
 _I64 = np.dtype(np.int64)
 _RAW_BYTES = lib.VR_RAW_CHAIN_BYTES
 _frombuffer = np.frombuffer
+
+
+def _u64(n: int) -> int:
+    """A byte limit for C: below 0 is 0, beyond uint64 is the most there is."""
+    return min(max(n, 0), (1 << 64) - 1)
 
 
 def _pack(segs: Sequence[Segment]) -> Any:
@@ -438,9 +452,7 @@ class CffiQueue:
             n = min(pending, max_chains)
             if n <= 0:
                 return RawBatch.empty()
-            rw = self._raw
-            if rw is None:
-                rw = self._raw = _Raw()
+            rw = self._raw_scratch()
             r = rw.r
             # All per-chain arrays in one fresh block (int64 units: 8-byte aligned), laid
             # out by C; the batch's arrays are views of it, made once the count is known.
@@ -449,21 +461,18 @@ class CffiQueue:
             if locate is not None:
                 head, region, offset, read_len = locate
                 flags |= lib.VR_F_LOCATE
-                r.head_limit = min(max(head, 0), (1 << 64) - 1)
+                r.head_limit = _u64(head)
                 r.loc_region = ffi.from_buffer("int32_t[]", region)
                 r.loc_off = ffi.from_buffer("int64_t[]", offset)
                 r.read_len = ffi.from_buffer("int64_t[]", read_len)
             try:
                 status = lib.vr_pop_raw(st.ring, r, block, n, last, flags,
-                                        min(max(limit, 0), (1 << 64) - 1))  # < 0: b""
+                                        _u64(limit))  # < 0: b""
                 while status != lib.VR_POP_DONE:
                     if status == lib.VR_POP_AHEAD:  # it moved under us; the guest's doing
                         raise QueueBroken(f"avail idx {r.avail_idx} is {r.pending} ahead of "
                                           f"{last}")
-                    if status == lib.VR_POP_NEED_SEGS:
-                        rw.grow_segs(max(2 * rw.seg_cap, r.need))
-                    else:
-                        rw.grow_data(max(2 * rw.data_cap, r.need), r.data_used)
+                    rw.grow(status)
                     status = lib.vr_pop_raw(st.ring, r, block, n, last, lib.VR_F_CONTINUE, 0)
             finally:
                 if locate is not None:  # no pointer into arrays that die with this call
@@ -480,6 +489,12 @@ class CffiQueue:
                             _frombuffer(buf, _BOOL, k, 21 * n), _frombuffer(buf, _I64, k, 8 * n),
                             _frombuffer(buf, _I64, k, 0), data, nbad, r.nwritable, r.nhead_bad)
 
+    def _raw_scratch(self) -> _Raw:
+        rw = self._raw
+        if rw is None:
+            rw = self._raw = _Raw()
+        return rw
+
     def take_one(self, limit: int) -> Taken | None:
         """The single-message path in one C call (``vr_take_one``): pop, copy, give back,
         notification decision, kicks re-armed; no array is made."""
@@ -490,14 +505,11 @@ class CffiQueue:
         with state.lock:
             tk = self._take
             if tk is None:
-                rw = self._raw
-                if rw is None:
-                    rw = self._raw = _Raw()
-                tk = self._take = _Take(rw)
+                tk = self._take = _Take(self._raw_scratch())
             t = tk.t
             t.flags = lib.VR_F_INDIRECT if state.indirect else 0
             t.event_idx = state.event_idx
-            t.limit = limit if 0 <= limit < 1 << 64 else (0 if limit < 0 else (1 << 64) - 1)
+            t.limit = _u64(limit)
             t.last_avail = state.last_avail_idx
             t.used_idx = state.used_idx
             t.signalled = state.signalled_used
@@ -507,12 +519,8 @@ class CffiQueue:
                 if status == lib.VR_POP_AHEAD:
                     raise QueueBroken(f"avail idx {t.avail_idx} is {t.pending} ahead of "
                                       f"{state.last_avail_idx}")
-                r = rw.r
-                if status == lib.VR_POP_NEED_SEGS:
-                    rw.grow_segs(max(2 * rw.seg_cap, r.need))
-                else:
-                    rw.grow_data(max(2 * rw.data_cap, r.need), 0)
-                status = lib.vr_take_one(st.ring, r, t)
+                rw.grow(status)  # (data_used is 0: nothing was taken)
+                status = lib.vr_take_one(st.ring, rw.r, t)
             if not t.taken:
                 return None
             state.last_avail_idx = t.last_avail
@@ -600,9 +608,13 @@ class CffiQueue:
         st = self._current()
         if st is None:
             return self.reference.need_notify()
-        new, old = self.state.used_idx, self.state.signalled_used
-        self.state.signalled_used = new
-        return bool(lib.vr_need_notify(st.ring, new, old, 1 if self.state.event_idx else 0))
+        return self._notify_decision(st)
+
+    def _notify_decision(self, st: _State) -> bool:
+        state = self.state
+        new, old = state.used_idx, state.signalled_used
+        state.signalled_used = new
+        return bool(lib.vr_need_notify(st.ring, new, old, 1 if state.event_idx else 0))
 
     def disable_kicks(self) -> None:
         """Tell the guest not to kick while we are draining the ring anyway."""
@@ -646,10 +658,7 @@ class CffiQueue:
             one = self._fill_scratch(st).one
             one[0] = len(message)
             written, refused, exhausted = self._fill_rx(st, message, one, 1)
-            new, old = state.used_idx, state.signalled_used
-            state.signalled_used = new
-            notify = bool(lib.vr_need_notify(st.ring, new, old, 1 if state.event_idx else 0))
-            return written, refused, exhausted, notify
+            return written, refused, exhausted, self._notify_decision(st)
 
     def _fill_scratch(self, st: _State) -> _Fill:
         fb = self._fill

@@ -211,10 +211,8 @@ class RpmsgDevice(VirtioDevice):
         if vring.index == TO_GUEST:
             self.flush()
             self.wake()  # iterator-API writers waiting for a buffer
-        elif self.auto_dispatch:  # (what _guest_sent does, one call less per kick)
-            self._service_to_host(vring)
         else:
-            self.wake()
+            self._guest_sent(vring)
 
     def _guest_sent(self, vring: Vring) -> None:
         if self.auto_dispatch:
@@ -347,10 +345,7 @@ class RpmsgDevice(VirtioDevice):
         if self.outbox.room() > 0:
             one = q.take_one(MAX_READ)
             if one is not None:
-                if one[4]:
-                    vr.interrupt()
-                else:
-                    q.state.stats.notifies_suppressed += 1
+                vr.notify_as(one[4])
                 self._dispatch_one(one)
                 if not one[5]:
                     return
@@ -614,10 +609,7 @@ class RpmsgDevice(VirtioDevice):
                     wrote = 0
                     if len(self.outbox) == 1:  # a reply: no batch to build
                         wrote, notify = self.outbox.fill_one(q)
-                        if notify:
-                            vr.interrupt()
-                        else:
-                            q.state.stats.notifies_suppressed += 1
+                        vr.notify_as(notify)
                     more = False
                     if not wrote:
                         wrote, more = self.outbox.fill(q)

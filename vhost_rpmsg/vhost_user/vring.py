@@ -96,15 +96,15 @@ class Vring:
 
     def notify(self) -> bool:
         """Interrupt the guest if it wants it; returns whether we did."""
-        if not self.queue.need_notify():
-            self.queue.state.stats.notifies_suppressed += 1
-            return False
-        return self.interrupt()
+        return self.notify_as(self.queue.need_notify())
 
-    def interrupt(self) -> bool:
-        """Write the call eventfd, the guest having asked for it (``notify``, or an engine
-        call that made the same decision); returns whether the write went."""
+    def notify_as(self, wanted: bool) -> bool:
+        """:meth:`notify` with the decision already made (``need_notify``, or an engine
+        call that made it along the way): interrupt, or count it suppressed."""
         stats = self.queue.state.stats
+        if not wanted:
+            stats.notifies_suppressed += 1
+            return False
         fd = self.call_fd
         if fd is None:
             return False

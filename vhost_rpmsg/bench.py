@@ -584,12 +584,7 @@ def _guest_main(path: str, server_pid: int, engine: str, sizes: list[int], messa
 
             def zc_sink_run(payload: bytes = payload) -> Run:
                 zero_copy(True)
-                before = sync()
-
-                def to_sink() -> None:
-                    g.send_burst(GUEST_ADDR, SINK, payload, messages)
-                    assert sync() == before + messages
-
+                to_sink, _ = sink_run(payload)
                 return to_sink, lambda: zero_copy(False)
 
             measure("zero-copy sink", size, messages, zc_sink_run)

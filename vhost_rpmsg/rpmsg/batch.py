@@ -156,9 +156,7 @@ def parse(rb: RawBatch, split_headers: SplitHeaders = numpy_split_headers) -> Pa
     if bad.any():
         chain_ids = np.arange(rb.count) if idx is None else idx
         for k in np.flatnonzero(bad).tolist():
-            n = int(lengths[k])
-            why = short_why(n) if n < rp.HDR_SIZE else long_why(int(plen[k]), n)
-            bad_messages.append((int(chain_ids[k]), why))
+            bad_messages.append((int(chain_ids[k]), why_bad(int(plen[k]), int(lengths[k]))))
         keep = ~bad
         hdr, offsets, plen = hdr[keep], offsets[keep], plen[keep]
     return Parsed(_runs(rb.data, hdr["src"], hdr["dst"], offsets + rp.HDR_SIZE,
@@ -196,8 +194,7 @@ def parse_located(lb: Located, split_headers: SplitHeaders,
     bad = ok & (plen > full - rp.HDR_SIZE)
     bad_messages = []
     for k in np.flatnonzero(bad).tolist():
-        n = int(full[k])
-        bad_messages.append((k, short_why(n) if n < rp.HDR_SIZE else long_why(int(plen[k]), n)))
+        bad_messages.append((k, why_bad(int(plen[k]), int(full[k]))))
     idx = np.flatnonzero(ok & ~bad)
     if not len(idx):
         return Parsed([], bad_chains, bad_messages)
@@ -254,6 +251,12 @@ def _runs(data: bytes | memoryview, srcs: np.ndarray, dsts: np.ndarray, starts: 
     bounds = [0, *cuts.tolist(), n]
     return [MessageBatch(data, int(dsts[a]), srcs[a:b], starts[a:b], plen[a:b])
             for a, b in itertools.pairwise(bounds)]
+
+
+def why_bad(declared: int, n: int) -> str:
+    """Why an ``n``-byte message whose header (if it has room for one) claims
+    ``declared`` payload bytes is refused."""
+    return short_why(n) if n < rp.HDR_SIZE else long_why(declared, n)
 
 
 def short_why(n: int) -> str:
